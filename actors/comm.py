@@ -1,0 +1,173 @@
+"""Process groups of one model replica: a TP group per pipeline stage and PP edges.
+
+Ranks come from the mesh `arange(pp * tp).reshape(pp, tp)`: global rank r = stage * tp +
+tp_rank. The rows of the mesh are the TP groups; the columns are the PP edges, so TP rank i
+of stage s sends its hidden states to TP rank i of stage s + 1 (after the row-parallel
+all-reduce every rank of a stage holds the same activations, so the tp edges run side by
+side and no rank has to fan out).
+
+NCCL on GPUs, gloo on CPU. A replica of one rank builds no process group at all: every
+collective of a size-1 group is a no-op, which is what lets tp=1 run in-process without Ray.
+"""
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def rank_mesh(tp: int, pp: int) -> list[list[int]]:
+    """`mesh[stage][tp_rank]` = global rank."""
+    return torch.arange(pp * tp).reshape(pp, tp).tolist()
+
+
+@dataclass
+class CommStats:
+    """What this rank spent in collectives, read by the benchmarks and the metrics."""
+
+    all_reduces: int = 0
+    all_reduce_seconds: float = 0.0
+    gathers: int = 0
+    p2p_seconds: float = 0.0
+
+
+@dataclass
+class TPGroup:
+    """The tensor-parallel group of one pipeline stage, seen from one of its ranks."""
+
+    size: int
+    rank: int
+    group: dist.ProcessGroup | None = None  # None when size == 1
+    global_ranks: list[int] = field(default_factory=list)
+    stats: CommStats = field(default_factory=CommStats)
+    # A collective on CUDA is asynchronous; timing it needs a sync, which only the
+    # benchmarks ask for.
+    time_collectives: bool = True
+
+    @classmethod
+    def single(cls) -> "TPGroup":
+        return cls(size=1, rank=0, global_ranks=[0])
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        if self.time_collectives and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.stats.all_reduces += 1
+        self.stats.all_reduce_seconds += time.perf_counter() - start
+        return x
+
+    def gather_to_first(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate every rank's `x` along `dim` on TP rank 0; other ranks get None."""
+        if self.size == 1:
+            return x
+        self.stats.gathers += 1
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=self.global_ranks[0], group=self.group)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+def reduce_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Leave the sharded region by summing partial results: Y = sum_i Y_i (all-reduce)."""
+    return tp.all_reduce(x)
+
+
+def gather_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor | None:
+    """Leave the sharded region by concatenating column shards on TP rank 0."""
+    return tp.gather_to_first(x, dim=-1)
+
+
+@dataclass
+class PipelineEdges:
+    """Point-to-point links of one rank to the same TP rank of the adjacent stages."""
+
+    prev_rank: int | None  # global rank feeding this stage, None on the first stage
+    next_rank: int | None  # global rank this stage feeds, None on the last stage
+    stats: CommStats
+
+    def send_next(self, x: torch.Tensor) -> None:
+        assert self.next_rank is not None, "the last stage has no next stage"
+        start = time.perf_counter()
+        dist.send(x.contiguous(), dst=self.next_rank)
+        self.stats.p2p_seconds += time.perf_counter() - start
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        assert self.prev_rank is not None, "the first stage has no previous stage"
+        start = time.perf_counter()
+        x = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(x, src=self.prev_rank)
+        self.stats.p2p_seconds += time.perf_counter() - start
+        return x
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where one worker sits in the replica: its stage, its TP rank, and its groups."""
+
+    tp_size: int
+    pp_size: int
+    stage: int
+    tp: TPGroup
+    pp: PipelineEdges
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pp_size - 1
+
+    @classmethod
+    def single(cls) -> "ParallelContext":
+        tp = TPGroup.single()
+        return cls(1, 1, 0, tp, PipelineEdges(None, None, tp.stats))
+
+
+def init_parallel(
+    *,
+    stage: int,
+    tp_rank: int,
+    tp_size: int,
+    pp_size: int,
+    init_method: str,
+    backend: str,
+    timeout_s: float = 60.0,
+) -> ParallelContext:
+    """Join the replica's process group and build the TP groups and PP edges.
+
+    Every rank calls this with its own (stage, tp_rank); `init_method` is the rendezvous
+    (`tcp://rank0-ip:port`) handed out by the driver. `timeout_s` bounds every collective,
+    so a dead peer becomes an error instead of a hang.
+    """
+    if tp_size * pp_size == 1:
+        return ParallelContext.single()
+    mesh = rank_mesh(tp_size, pp_size)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=mesh[stage][tp_rank],
+        world_size=tp_size * pp_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    # new_group is collective over the whole world: every rank creates every row's group.
+    groups = [dist.new_group(row, timeout=timedelta(seconds=timeout_s)) for row in mesh]
+    stats = CommStats()
+    tp = TPGroup(tp_size, tp_rank, groups[stage] if tp_size > 1 else None, mesh[stage], stats)
+    prev_rank = mesh[stage - 1][tp_rank] if stage > 0 else None
+    next_rank = mesh[stage + 1][tp_rank] if stage < pp_size - 1 else None
+    return ParallelContext(tp_size, pp_size, stage, tp, PipelineEdges(prev_rank, next_rank, stats))
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,230 @@
+"""Megatron-style tensor-parallel layers for inference.
+
+Notation: X is [tokens, in], A is the [in, out] weight (stored as nn.Linear does, [out, in]),
+p = tensor_parallel_size, i = this rank. Each parameter owns a
+`weight_loader(param, source, shard_id=None)` that copies this rank's slice out of a
+checkpoint tensor; `source` is a full tensor or a lazy safetensors slice (anything with
+`.shape` and slicing), so a rank reads only the rows or columns it owns.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.comm import TPGroup, gather_from_tp_region, reduce_from_tp_region
+from actors.sharding import HeadShard, divide, padded_vocab_size
+
+
+class WeightShapeError(ValueError):
+    """A checkpoint tensor does not have the shape the model config implies."""
+
+
+def check_shape(source: Any, expected: Sequence[int]) -> None:
+    if tuple(source.shape) != tuple(expected):
+        raise WeightShapeError(f"expected shape {tuple(expected)}, got {tuple(source.shape)}")
+
+
+def make_param(shape: Sequence[int], dtype: torch.dtype, loader: Callable) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def load_rows(param: torch.Tensor, source: Any, start: int, stop: int, dst_start: int = 0) -> None:
+    """param[dst_start : dst_start + (stop - start)] = source[start:stop] (reads only those rows)."""
+    param.data[dst_start : dst_start + stop - start].copy_(source[start:stop])
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b with A split by columns, A = [A_1 ... A_p], b = [b_1 ... b_p].
+
+    Rank i holds A_i (out/p columns) and b_i and returns Y_i = X A_i + b_i; no
+    communication. The output stays sharded for a row-parallel layer to consume.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.out_features = out_features
+        self.out_per_rank = divide(out_features, tp.size, "output features across tensor-parallel ranks")
+        self.weight = make_param((self.out_per_rank, in_features), dtype, self.weight_loader)
+        self.bias = make_param((self.out_per_rank,), dtype, self.weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        check_shape(source, (self.out_features, *param.shape[1:]))
+        start = self.tp.rank * self.out_per_rank
+        load_rows(param, source, start, start + self.out_per_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul: [A^0 | A^1 | ...].
+
+    Each logical output (e.g. gate_proj and up_proj, shard_id 0 and 1) is split by columns
+    on its own, so rank i holds [A^0_i | A^1_i] and one matmul gives both halves.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, tp: TPGroup, dtype: torch.dtype):
+        self.output_sizes = output_sizes
+        super().__init__(in_features, sum(output_sizes), bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: int | None = None) -> None:
+        if shard_id is None:
+            raise WeightShapeError("a merged projection loads one logical output at a time")
+        size = self.output_sizes[shard_id]
+        check_shape(source, (size, *param.shape[1:]))
+        per_rank = divide(size, self.tp.size, "merged output features across tensor-parallel ranks")
+        dst = sum(self.output_sizes[:shard_id]) // self.tp.size
+        start = self.tp.rank * per_rank
+        load_rows(param, source, start, start + per_rank, dst)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused Q, K, V projection, column-parallel over attention heads (GQA aware).
+
+    Rank i computes Q for its query heads and K, V for the KV heads those queries read:
+    its own share of the KV heads when p <= kv_heads, or one KV head replicated on p/kv_heads
+    ranks when p > kv_heads (see actors.sharding.head_shard). Output columns on a rank are
+    [q heads | k heads | v heads], each head `head_dim` wide.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_heads: int,
+        total_kv_heads: int,
+        shard: HeadShard,
+        *,
+        bias: bool,
+        tp: TPGroup,
+        dtype: torch.dtype,
+    ):
+        self.head_dim = head_dim
+        self.shard = shard
+        self.total_sizes = {"q": total_heads * head_dim, "k": total_kv_heads * head_dim, "v": total_kv_heads * head_dim}
+        q, kv = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
+        # (start row in the checkpoint tensor, rows, destination row on this rank)
+        self.slices = {
+            "q": (shard.head_start * head_dim, q, 0),
+            "k": (shard.kv_head_start * head_dim, kv, q),
+            "v": (shard.kv_head_start * head_dim, kv, q + kv),
+        }
+        # With replicated KV heads the columns over all ranks exceed the checkpoint's.
+        super().__init__(hidden_size, (q + 2 * kv) * tp.size, bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: str | None = None) -> None:
+        if shard_id not in self.slices:
+            raise WeightShapeError("the fused QKV projection loads q, k and v one at a time")
+        check_shape(source, (self.total_sizes[shard_id], *param.shape[1:]))
+        start, rows, dst = self.slices[shard_id]
+        load_rows(param, source, start, start + rows, dst)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b with A split by rows, A = [A_1; ...; A_p], X = [X_1 ... X_p] by columns.
+
+    Rank i holds A_i and receives X_i (the sharded output of a column-parallel layer),
+    computes X_i A_i, and the all-reduce sums them: Y = sum_i X_i A_i. The bias is added
+    once, after the reduce. This is one of the two all-reduces of a decoder layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.in_per_rank = divide(in_features, tp.size, "input features across tensor-parallel ranks")
+        self.weight = make_param((out_features, self.in_per_rank), dtype, self.weight_loader)
+        self.bias = make_param((out_features,), dtype, self.load_full) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        check_shape(source, (param.shape[0], self.in_features))
+        start = self.tp.rank * self.in_per_rank
+        param.data.copy_(source[:, start : start + self.in_per_rank])
+
+    @staticmethod
+    def load_full(param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        check_shape(source, param.shape)
+        param.data.copy_(source[:])
+
+    def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp_region(F.linear(x_shard, self.weight), self.tp)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocabulary split by rows over the TP ranks.
+
+    Rank i holds rows [i*V/p, (i+1)*V/p) of the padded table. It looks up the ids that fall
+    in its range, writes zeros for the others, and the all-reduce sums the partial lookups:
+    every id is owned by exactly one rank, so the sum is the full embedding.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.vocab_end = self.vocab_start + self.rows_per_rank
+        self.weight = make_param((self.rows_per_rank, hidden_size), dtype, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        check_shape(source, (self.vocab_size, self.hidden_size))
+        param.data.zero_()  # padded rows stay zero
+        stop = min(self.vocab_end, self.vocab_size)
+        if stop > self.vocab_start:
+            load_rows(param, source, self.vocab_start, stop)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        outside = (token_ids < self.vocab_start) | (token_ids >= self.vocab_end)
+        local_ids = (token_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(partial, self.tp)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits = H E^T with E split by vocabulary rows, as in the embedding.
+
+    Rank i computes the logits of its vocabulary slice, H E_i^T; the slices are gathered on
+    TP rank 0, where padding columns are cut so they can never be sampled. With tied
+    embeddings on a one-stage replica the head shares the embedding's parameter.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPGroup, dtype: torch.dtype, tied_to: VocabParallelEmbedding | None = None):
+        super().__init__(vocab_size, hidden_size, tp=tp, dtype=dtype)
+        if tied_to is not None:
+            self.weight = tied_to.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on TP rank 0, None on the other ranks."""
+        logits = gather_from_tp_region(F.linear(hidden, self.weight), self.tp)
+        return logits[..., : self.vocab_size] if logits is not None else None
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32; replicated on every rank.
+
+    `forward(x, residual)` fuses the residual add: it returns (norm(x + residual), x + residual).
+    """
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = make_param((hidden_size,), dtype, RowParallelLinear.load_full)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype), x

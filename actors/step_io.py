@@ -1,0 +1,46 @@
+"""What the driver sends to every worker for one step, and what comes back.
+
+Compact by design: a sequence brings only its new token ids, its first new position and
+the KV blocks it gained since the last step. Workers keep each running sequence's block
+table until the driver says it is finished or preempted.
+"""
+
+from dataclasses import dataclass, field
+
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    seq_id: int
+    token_ids: list[int]  # new tokens this step (a prompt chunk, or the last sampled token)
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
+    new_blocks: list[int]  # KV blocks appended to this sequence's table since the last step
+    sample: bool  # False for a prompt chunk that does not reach the end of the prompt
+    params: SamplingParams | None = None  # sent when the sequence is (re)scheduled
+    output_index: int = 0  # tokens generated so far: seeds the per-token random draw
+
+
+@dataclass(frozen=True)
+class StepInput:
+    step_id: int
+    seqs: list[SeqStep]
+    released: list[int] = field(default_factory=list)  # sequences finished or preempted
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step_id: int
+    tokens: list[SampledToken]  # one per sequence with sample=True, in StepInput order
+    forward_s: float = 0.0  # time in the model forward on the reporting rank

@@ -1,0 +1,181 @@
+"""One GPU's worth of the model: a plain object the Ray actor wraps (and tests drive directly).
+
+The driver talks to it through a handful of named calls, in order:
+    init_groups(init_method) -> load() -> allocate_kv(num_blocks) -> step(StepInput) ...
+A worker sits at (stage, tp_rank) of the mesh; it builds only its stage's layers and only
+its TP slice of them, and allocates KV blocks only for those layers and its KV heads.
+"""
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig
+
+from actors.attention import PagedAttention, build_attention_metadata
+from actors.comm import ParallelContext, init_parallel
+from actors.loader import load_checkpoint
+from actors.models.llama import LlamaStage
+from actors.sampler import Sampler
+from actors.sharding import layer_partition, stage_layers
+from actors.step_io import StepInput, StepOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of a replica needs to know (the same for all of them)."""
+
+    model_dir: str
+    tp: int
+    pp: int
+    layer_partition: list[int] | None
+    dtype: str  # a key of DTYPES
+    device: str  # "cpu" or "cuda"
+    max_model_len: int
+    block_size: int
+    collective_timeout_s: float = 60.0
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
+        self.spec, self.stage, self.tp_rank = spec, stage, tp_rank
+        if spec.cpu_threads:
+            torch.set_num_threads(spec.cpu_threads)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
+        self.dtype = DTYPES[spec.dtype]
+        self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
+        self.partition = layer_partition(self.hf_config.num_hidden_layers, spec.pp, spec.layer_partition)
+        self.ctx = ParallelContext.single()
+        self.model: LlamaStage | None = None
+        self.num_kv_blocks = 0
+        self.block_tables: dict[int, list[int]] = {}
+        self.seq_params: dict = {}
+        self.sampler = Sampler(self.device)
+
+    # -- setup -------------------------------------------------------------------------
+
+    def rendezvous_address(self) -> str:
+        """A tcp:// address on this host with a free port, for rank 0 to host the rendezvous."""
+        ip = os.environ.get("TENSORFLEET_NODE_IP") or socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return f"tcp://{ip}:{s.getsockname()[1]}"
+
+    def init_groups(self, init_method: str) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.ctx = init_parallel(
+            stage=self.stage,
+            tp_rank=self.tp_rank,
+            tp_size=self.spec.tp,
+            pp_size=self.spec.pp,
+            init_method=init_method,
+            backend=backend,
+            timeout_s=self.spec.collective_timeout_s,
+        )
+
+    def load(self) -> dict[str, int]:
+        """Build this rank's part of the model and read its slices of the checkpoint."""
+        with torch.device(self.device):
+            self.model = LlamaStage(
+                self.hf_config, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
+            ).eval()
+        stats = load_checkpoint(self.model, self.spec.model_dir)
+        return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read}
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _attention_layers(self) -> list[PagedAttention]:
+        return [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block costs on this rank: K and V, every layer of the stage."""
+        layers = self._attention_layers()
+        a = layers[0]
+        return 2 * len(layers) * self.spec.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def free_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+    def allocate_kv(self, num_blocks: int) -> int:
+        slots = num_blocks * self.spec.block_size
+        for a in self._attention_layers():
+            a.kv_cache = torch.zeros(2, slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        self.num_kv_blocks = num_blocks
+        self.block_tables.clear()
+        return num_blocks * self.kv_block_bytes()
+
+    # -- steps ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, step: StepInput) -> StepOutput | None:
+        """Run one step; TP rank 0 of the last stage returns the sampled tokens."""
+        for seq_id in step.released:
+            self.block_tables.pop(seq_id, None)
+            self.seq_params.pop(seq_id, None)
+        token_ids, positions, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], []
+        for s in step.seqs:
+            table = self.block_tables.setdefault(s.seq_id, [])
+            table.extend(s.new_blocks)
+            if s.params is not None:
+                self.seq_params[s.seq_id] = s.params
+            token_ids += s.token_ids
+            positions += range(s.start_pos, s.start_pos + len(s.token_ids))
+            query_lens.append(len(s.token_ids))
+            context_lens.append(s.start_pos + len(s.token_ids))
+            tables.append(table)
+            if s.sample:
+                sample_rows.append(len(token_ids) - 1)
+        start = time.perf_counter()
+        hidden = self._forward(token_ids, positions, query_lens, context_lens, tables)
+        if not self.ctx.is_last_stage:
+            self.ctx.pp.send_next(hidden)
+            return None
+        logits = self.model.compute_logits(hidden[sample_rows])
+        if logits is None:  # not TP rank 0: the logits were gathered there
+            return None
+        sampled = [s for s in step.seqs if s.sample]
+        tokens = self.sampler(logits, [self.seq_params[s.seq_id] for s in sampled], [s.output_index for s in sampled])
+        return StepOutput(step.step_id, tokens, time.perf_counter() - start)
+
+    def _forward(self, token_ids, positions, query_lens, context_lens, tables) -> torch.Tensor:
+        meta = build_attention_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
+        pos = torch.tensor(positions, device=self.device)
+        if self.ctx.is_first_stage:
+            x = torch.tensor(token_ids, device=self.device)
+        else:
+            x = self.ctx.pp.recv_prev((len(token_ids), self.hf_config.hidden_size), self.dtype, self.device)
+        return self.model(x, pos, meta)
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
+        """Logits at every position of each prompt (a prefill in scratch blocks), on TP rank
+        0 of the last stage; for `tensorfleet verify` and the parity tests. Needs
+        allocate_kv with enough blocks for all prompts, and no running sequences."""
+        bs = self.spec.block_size
+        tables, next_block = [], 0
+        for p in prompts:
+            n = -(-len(p) // bs)
+            tables.append(list(range(next_block, next_block + n)))
+            next_block += n
+        if next_block > self.num_kv_blocks:
+            raise ValueError(f"prompts need {next_block} KV blocks, {self.num_kv_blocks} allocated")
+        lens = [len(p) for p in prompts]
+        positions = [i for n in lens for i in range(n)]
+        hidden = self._forward([t for p in prompts for t in p], positions, lens, lens, tables)
+        if not self.ctx.is_last_stage:
+            self.ctx.pp.send_next(hidden)
+            return None
+        logits = self.model.compute_logits(hidden)
+        return list(logits.cpu().split(lens)) if logits is not None else None
+
+    def comm_stats(self) -> dict[str, float]:
+        s = self.ctx.tp.stats
+        return {"all_reduces": s.all_reduces, "all_reduce_s": s.all_reduce_seconds, "p2p_s": s.p2p_seconds}

@@ -1,0 +1,352 @@
+"""The layout of one model replica: layers per stage, heads per rank, memory per GPU.
+
+`make_plan` turns (model shape, parallel + engine config, dtype, cluster) into a `Plan`, or
+a `PlanError` whose message names the YAML field to change. Rank (stage, tp_rank) sits at
+`mesh[stage][tp_rank]` of `arange(pp * tp).reshape(pp, tp)`.
+
+Weights per rank, in parameters (times the dtype's bytes), from actors/sharding.py's split:
+  per layer on the rank's stage (h = query heads on the rank, k = KV heads on the rank,
+  d = head_dim, H = hidden_size, I = intermediate_size, tp = tensor_parallel_size):
+    qkv_proj      (h + 2k) * d * H        (+ (h + 2k) * d with q/k/v bias, e.g. Qwen2)
+    o_proj        h * d * H               (+ H, replicated, with an o_proj bias)
+    gate_up_proj  2 * (I / tp) * H
+    down_proj     (I / tp) * H
+    2 RMSNorms    2 * H                   (replicated on every rank)
+  first stage:  embedding  padded_vocab(V, tp) / tp * H
+  last stage:   final norm H + LM head padded_vocab(V, tp) / tp * H; with tied embeddings
+                and pp == 1 the head is the embedding (counted once); with pp > 1 the last
+                stage holds its own copy.
+KV cache per block per rank: 2 (K, V) * layers_on_stage * k * d * block_size * dtype bytes.
+Every rank gets the same number of blocks (block tables are global), so a sized
+num_kv_blocks is the minimum over ranks of
+  floor((gpu_memory * gpu_memory_utilization - weights - activation_reserve) / block_bytes).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from actors.sharding import (
+    HeadShard,
+    ShardingError,
+    check_tp,
+    divisors,
+    head_shard,
+    layer_partition,
+    padded_vocab_size,
+    stage_layers,
+)
+from cluster.config import EngineConfig, ModelShape, ParallelConfig
+
+GiB = 1 << 30
+LOGITS_BYTES = 4  # logits and sampling are float32 whatever the model dtype
+
+
+class PlanError(ValueError):
+    """A layout that cannot run; the message names the YAML field and what would work."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The GPUs one replica may use: `nodes` nodes of `gpus_per_node` GPUs each."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_bytes: int  # per GPU, total (gpu_memory_utilization is applied to it)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    stage: int
+    tp_rank: int
+    heads: HeadShard  # the query and KV heads this rank holds
+    weight_bytes: int
+    activation_bytes: int  # reserved for one step's activations (and logits on the last stage)
+    kv_block_bytes: int  # one KV block of all this rank's layers
+    kv_cache_bytes: int  # num_kv_blocks * kv_block_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: int
+    layers: range  # global layer indices
+    ranks: tuple[RankPlan, ...]  # indexed by tp_rank
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    dtype: torch.dtype
+    tp: int
+    pp: int
+    partition: tuple[int, ...]  # layers per stage
+    stages: tuple[StagePlan, ...]
+    cluster: ClusterSpec
+    gpu_memory_utilization: float
+    max_model_len: int
+    block_size: int
+    num_kv_blocks: int
+    num_kv_blocks_given: bool  # from engine.num_kv_blocks, else sized from memory
+    gpus: int  # tp * pp
+    nodes: int  # nodes the layout needs (a stage's TP group never straddles nodes)
+    assumptions: tuple[str, ...]  # what the sizing assumed, in words
+
+    def rank(self, stage: int, tp_rank: int) -> RankPlan:
+        return self.stages[stage].ranks[tp_rank]
+
+    @property
+    def ranks(self) -> tuple[RankPlan, ...]:
+        """All ranks in mesh order (global rank = stage * tp + tp_rank)."""
+        return tuple(r for s in self.stages for r in s.ranks)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.cluster.gpu_memory_bytes * self.gpu_memory_utilization)
+
+
+def _rank_params(shape: ModelShape, tp: int, heads: HeadShard, n_layers: int,
+                 first: bool, last: bool, pp: int) -> int:
+    """Parameters one rank holds (see the module docstring)."""
+    hidden, d = shape.hidden_size, shape.head_dim
+    qkv_width = (heads.num_heads + 2 * heads.num_kv_heads) * d
+    inter = shape.intermediate_size // tp
+    layer = (
+        qkv_width * hidden + (qkv_width if shape.attention_bias else 0)
+        + heads.num_heads * d * hidden + (hidden if shape.o_proj_bias else 0)
+        + 3 * inter * hidden
+        + 2 * hidden
+    )
+    vocab_shard = padded_vocab_size(shape.vocab_size, tp) // tp * hidden
+    total = n_layers * layer
+    if first:
+        total += vocab_shard
+    if last:
+        total += hidden + (0 if shape.tie_word_embeddings and pp == 1 else vocab_shard)
+    return total
+
+
+def _activation_bytes(shape: ModelShape, engine: EngineConfig, tp: int, heads: HeadShard,
+                      last: bool, dtype_bytes: int) -> int:
+    """Reserve for one step, max_num_batched_tokens tokens wide:
+    residual + normed input + attention/MLP output (3 * H), the fused qkv output
+    ((h + 2k) * d), gate_up output and act(gate) * up (3 * I / tp), in the model dtype;
+    on the last stage, max_num_seqs float32 logit rows: the rank's vocab shard, the gathered
+    full row and one sampling workspace (softmax / top-p sort)."""
+    qkv_width = (heads.num_heads + 2 * heads.num_kv_heads) * shape.head_dim
+    width = 3 * shape.hidden_size + qkv_width + 3 * (shape.intermediate_size // tp)
+    reserve = engine.max_num_batched_tokens * width * dtype_bytes
+    if last:
+        vocab = padded_vocab_size(shape.vocab_size, tp)
+        reserve += engine.max_num_seqs * (vocab // tp + 2 * vocab) * LOGITS_BYTES
+    return reserve
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _check_layout(shape: ModelShape, parallel: ParallelConfig, cluster: ClusterSpec) -> None:
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    heads, kv, inter = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+    try:
+        check_tp(heads, kv, tp)
+    except ShardingError as e:
+        raise PlanError(f"parallel.tensor_parallel_size: {e}") from None
+    if inter % tp:
+        valid = [d for d in divisors(heads) if inter % d == 0 and (kv % d == 0 or d % kv == 0)]
+        raise PlanError(
+            f"parallel.tensor_parallel_size: tensor_parallel_size={tp} does not divide "
+            f"intermediate_size={inter}; use one of {', '.join(map(str, valid))}"
+        )
+    if tp > cluster.gpus_per_node:
+        raise PlanError(
+            f"parallel.tensor_parallel_size: tensor_parallel_size={tp} exceeds the "
+            f"{cluster.gpus_per_node} GPUs per node; tensor parallelism stays inside a node: "
+            f"use tensor_parallel_size <= {cluster.gpus_per_node} and raise pipeline_parallel_size"
+        )
+    layers = shape.num_hidden_layers
+    if pp > layers:
+        raise PlanError(
+            f"parallel.pipeline_parallel_size: pipeline_parallel_size={pp} exceeds "
+            f"num_hidden_layers={layers}; every stage needs at least one layer"
+        )
+    part = parallel.layer_partition
+    if part is not None and (len(part) != pp or sum(part) != layers or min(part) < 1):
+        raise PlanError(
+            f"parallel.layer_partition: {part} has {len(part)} entries summing to {sum(part)}; "
+            f"it needs pipeline_parallel_size={pp} entries, each >= 1, summing to "
+            f"num_hidden_layers={layers} (or null for an even split)"
+        )
+    stages_per_node = cluster.gpus_per_node // tp
+    nodes = math.ceil(pp / stages_per_node)
+    if nodes > cluster.nodes:
+        total = cluster.nodes * cluster.gpus_per_node
+        raise PlanError(
+            f"parallel.pipeline_parallel_size: tensor_parallel_size={tp} x "
+            f"pipeline_parallel_size={pp} needs {tp * pp} GPUs on {nodes} nodes "
+            f"({stages_per_node} stage(s) of {tp} GPUs fit on a node of {cluster.gpus_per_node}), "
+            f"but the cluster has {cluster.nodes} node(s), {total} GPUs; add nodes or lower "
+            f"pipeline_parallel_size"
+        )
+
+
+def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
+              dtype: torch.dtype, cluster: ClusterSpec) -> Plan:
+    """Lay the model out on `cluster`, or raise `PlanError` saying which field to change."""
+    _check_layout(shape, parallel, cluster)
+    if engine.max_model_len > shape.max_position_embeddings:
+        raise PlanError(
+            f"engine.max_model_len: {engine.max_model_len} exceeds the model's "
+            f"max_position_embeddings={shape.max_position_embeddings}; use at most that"
+        )
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    partition = layer_partition(shape.num_hidden_layers, pp, parallel.layer_partition)
+    nbytes = dtype.itemsize
+    budget = int(cluster.gpu_memory_bytes * engine.gpu_memory_utilization)
+    budget_text = (f"gpu_memory_utilization={engine.gpu_memory_utilization} x "
+                   f"{_gib(cluster.gpu_memory_bytes)} = {_gib(budget)}")
+
+    # Per rank: (stage, tp_rank, heads, weights, activations, block bytes).
+    draft = []
+    for s in range(pp):
+        first, last = s == 0, s == pp - 1
+        for t in range(tp):
+            heads = head_shard(shape.num_attention_heads, shape.num_key_value_heads, tp, t)
+            weights = _rank_params(shape, tp, heads, partition[s], first, last, pp) * nbytes
+            act = _activation_bytes(shape, engine, tp, heads, last, nbytes)
+            block = (2 * partition[s] * heads.num_kv_heads * shape.head_dim
+                     * engine.block_size * nbytes)
+            if weights + act > budget:
+                whole = head_shard(shape.num_attention_heads, shape.num_key_value_heads, 1, 0)
+                full = _rank_params(shape, 1, whole, shape.num_hidden_layers, True, True, 1)
+                full *= nbytes
+                raise PlanError(
+                    f"parallel: the weights do not fit: stage {s} needs {_gib(weights)} of "
+                    f"weights plus a {_gib(act)} activation reserve per GPU, but {budget_text}. "
+                    f"The whole model is {_gib(full)}, so it needs at least "
+                    f"{math.ceil(full / budget)} GPUs of this size: raise "
+                    f"parallel.tensor_parallel_size (up to {cluster.gpus_per_node} per node) or "
+                    f"parallel.pipeline_parallel_size, or use GPUs with more memory"
+                )
+            draft.append((s, t, heads, weights, act, block))
+
+    per_seq = math.ceil(engine.max_model_len / engine.block_size)
+    room = [(budget - w - a) // b for (_, _, _, w, a, b) in draft]
+    if engine.num_kv_blocks is not None:
+        num_blocks = engine.num_kv_blocks
+        if num_blocks > min(room):
+            raise PlanError(
+                f"engine.num_kv_blocks: {num_blocks} blocks do not fit next to the weights and "
+                f"activations ({budget_text}); at most {min(room)} fit: lower it, or set null "
+                f"to size the cache from free memory"
+            )
+        if num_blocks < per_seq:
+            raise PlanError(
+                f"engine.num_kv_blocks: {num_blocks} blocks of block_size={engine.block_size} "
+                f"hold {num_blocks * engine.block_size} tokens, less than one sequence of "
+                f"max_model_len={engine.max_model_len} ({per_seq} blocks); raise it or lower "
+                f"engine.max_model_len"
+            )
+    else:
+        num_blocks = min(room)
+        if num_blocks < per_seq:
+            s, _, _, w, a, b = draft[room.index(num_blocks)]
+            raise PlanError(
+                f"engine.max_model_len: stage {s} has room for {max(num_blocks, 0)} KV blocks "
+                f"({max(num_blocks, 0) * engine.block_size} tokens) after {_gib(w)} of weights "
+                f"and a {_gib(a)} activation reserve ({budget_text}), but one sequence of "
+                f"max_model_len={engine.max_model_len} needs {per_seq} blocks ({_gib(per_seq * b)} "
+                f"per GPU); lower engine.max_model_len or engine.max_num_batched_tokens, raise "
+                f"engine.gpu_memory_utilization, or spread the model over more GPUs"
+            )
+
+    stages = tuple(
+        StagePlan(s, stage_layers(partition, s), tuple(
+            RankPlan(s, t, heads, w, a, b, num_blocks * b)
+            for (rs, t, heads, w, a, b) in draft if rs == s
+        ))
+        for s in range(pp)
+    )
+    assumptions = (
+        "activation reserve per GPU: max_num_batched_tokens x (3 x hidden + qkv width + "
+        "3 x intermediate/tp) in the model dtype; the last stage adds max_num_seqs float32 "
+        "logit rows x (padded_vocab/tp + 2 x padded_vocab)",
+        f"the {_gib(cluster.gpu_memory_bytes - budget)} per GPU outside gpu_memory_utilization "
+        "is left for the CUDA context, NCCL buffers and allocator fragmentation",
+        f"num_kv_blocks={num_blocks} given by engine.num_kv_blocks"
+        if engine.num_kv_blocks is not None else
+        f"num_kv_blocks={num_blocks}: min over GPUs of floor((budget - weights - reserve) / "
+        "bytes per block); every GPU gets the same count",
+    )
+    return Plan(
+        shape=shape, dtype=dtype, tp=tp, pp=pp, partition=tuple(partition), stages=stages,
+        cluster=cluster, gpu_memory_utilization=engine.gpu_memory_utilization,
+        max_model_len=engine.max_model_len, block_size=engine.block_size,
+        num_kv_blocks=num_blocks, num_kv_blocks_given=engine.num_kv_blocks is not None,
+        gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)),
+        assumptions=assumptions,
+    )
+
+
+def _span(start: int, count: int) -> str:
+    return str(start) if count == 1 else f"{start}-{start + count - 1}"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: one row per GPU (stage, tp_rank), memory in GiB, then totals."""
+    shape, dtype = plan.shape, str(plan.dtype).removeprefix("torch.")
+    c = plan.cluster
+    lines = [
+        f"model: {shape.architecture}, {shape.num_hidden_layers} layers, "
+        f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} KV heads, "
+        f"hidden {shape.hidden_size}, vocab {shape.vocab_size} "
+        f"(padded to {padded_vocab_size(shape.vocab_size, plan.tp)}), {dtype}",
+        f"layout: tensor_parallel_size={plan.tp} x pipeline_parallel_size={plan.pp} = "
+        f"{plan.gpus} GPUs on {plan.nodes} node(s); cluster: {c.nodes} node(s) x "
+        f"{c.gpus_per_node} GPUs x {_gib(c.gpu_memory_bytes)}",
+        f"memory per GPU in GiB (budget: gpu_memory_utilization={plan.gpu_memory_utilization}"
+        f" x {_gib(c.gpu_memory_bytes)} = {_gib(plan.budget_bytes)})",
+        "",
+    ]
+    header = ["stage", "layers", "tp_rank", "q_heads", "kv_heads",
+              "weights", "activ", "kv_cache", "total"]
+    rows = [header]
+    for st in plan.stages:
+        for r in st.ranks:
+            h = r.heads
+            rows.append([
+                str(st.stage), _span(st.layers.start, len(st.layers)), str(r.tp_rank),
+                _span(h.head_start, h.num_heads), _span(h.kv_head_start, h.num_kv_heads),
+                *(f"{n / GiB:.2f}" for n in
+                  (r.weight_bytes, r.activation_bytes, r.kv_cache_bytes, r.total_bytes)),
+            ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [v.ljust(w) if i in (1, 3, 4) else v.rjust(w)
+                 for i, (v, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    weights = sum(r.weight_bytes for r in plan.ranks)
+    blocks = ", ".join(f"stage {st.stage}: {st.ranks[0].kv_block_bytes / 2**20:.2f} MiB"
+                       for st in plan.stages)
+    source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from free memory"
+    lines += [
+        "",
+        f"weights: {_gib(weights)} over {plan.gpus} GPUs (replicated norms included)",
+        f"KV cache: {plan.num_kv_blocks} blocks ({source}) x block_size={plan.block_size} = "
+        f"{plan.kv_tokens} tokens = {plan.kv_tokens // plan.max_model_len} full sequences of "
+        f"max_model_len={plan.max_model_len}",
+        f"bytes per KV block per GPU: {blocks}",
+        f"total: {plan.gpus} GPUs, {plan.nodes} node(s)",
+        "assumed:",
+        *(f"  - {a}" for a in plan.assumptions),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Loading checkpoints: sharded files, dtypes, and bad checkpoints that say what is wrong."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from actors.attention import build_attention_metadata
+from actors.comm import ParallelContext, PipelineEdges, TPGroup
+from actors.loader import CheckpointError, load_checkpoint
+from actors.models.llama import LlamaStage, UnsupportedModelError
+from actors.sharding import ShardingError
+from tests.tiny_models import hf_prompt_logits, llama_config, max_rel_error, mistral_config, random_prompts, save_tiny
+
+
+def single_rank_logits(cfg, path, prompts, dtype=torch.float32):
+    model = LlamaStage(cfg, ParallelContext.single(), range(cfg.num_hidden_layers), dtype)
+    load_checkpoint(model, path)
+    for layer in model.model.layers.values():
+        a = layer.self_attn.attn
+        a.kv_cache = torch.zeros(2, 64 * 8, a.num_kv_heads, a.head_dim, dtype=dtype)
+    lens = [len(p) for p in prompts]
+    tables, nxt = [], 0
+    for n in lens:
+        tables.append(list(range(nxt, nxt + -(-n // 8))))
+        nxt += len(tables[-1])
+    meta = build_attention_metadata(lens, lens, tables, 8)
+    ids = torch.tensor([t for p in prompts for t in p])
+    pos = torch.tensor([i for n in lens for i in range(n)])
+    with torch.no_grad():
+        return list(model.compute_logits(model(ids, pos, meta)).split(lens))
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    cfg = llama_config()
+    hf = save_tiny(cfg, tmp_path)
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    prompts = random_prompts(cfg.vocab_size, [9, 14])
+    got = single_rank_logits(cfg, tmp_path, prompts)
+    for g, w in zip(got, hf_prompt_logits(hf, prompts)):
+        assert torch.allclose(g, w, rtol=0, atol=1e-4 * float(w.abs().max()))
+
+
+def test_bfloat16_error_is_no_worse_than_hugging_faces(tmp_path):
+    """bf16 logits differ from fp32 by rounding; ours must not drift further than HF's own bf16."""
+    cfg = llama_config()
+    hf = save_tiny(cfg, tmp_path)
+    prompts = random_prompts(cfg.vocab_size, [12, 30])
+    fp32 = hf_prompt_logits(hf, prompts)
+    ours = single_rank_logits(cfg, tmp_path, prompts, torch.bfloat16)
+    theirs = hf_prompt_logits(hf.to(torch.bfloat16), prompts)
+    assert max_rel_error(ours, fp32) <= 1.25 * max_rel_error(theirs, fp32)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    cfg = llama_config()
+    save_tiny(cfg, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
+        load_checkpoint(LlamaStage(cfg, ParallelContext.single(), range(5), torch.float32), tmp_path)
+
+
+def test_wrong_shape_names_tensor_and_shapes(tmp_path):
+    save_tiny(llama_config(), tmp_path)
+    wrong = llama_config(intermediate_size=96)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.*expected shape \((96, 64|64, 96)\), got \((128, 64|64, 128)\)"):
+        load_checkpoint(LlamaStage(wrong, ParallelContext.single(), range(5), torch.float32), tmp_path)
+
+
+def test_no_weights_in_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(LlamaStage(llama_config(), ParallelContext.single(), range(5), torch.float32), tmp_path)
+
+
+def test_unsupported_architecture():
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        LlamaStage(llama_config(architectures=["GPT2LMHeadModel"]), ParallelContext.single(), range(5), torch.float32)
+
+
+def test_sliding_window_refused_clearly():
+    cfg = mistral_config(sliding_window=128)
+    with pytest.raises(UnsupportedModelError, match="sliding_window=128"):
+        LlamaStage(cfg, ParallelContext.single(), range(3), torch.float32)
+
+
+def test_tp_that_does_not_fit_the_heads_lists_valid_sizes():
+    tp3 = TPGroup(size=3, rank=0)  # fails before any collective is needed
+    ctx = ParallelContext(3, 1, 0, tp3, PipelineEdges(None, None, tp3.stats))
+    with pytest.raises(ShardingError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=8; use one of 1, 2, 4, 8"):
+        LlamaStage(llama_config(), ctx, range(5), torch.float32)
+
+
+def test_kv_heads_neither_split_nor_replicated():
+    tp4 = TPGroup(size=4, rank=0)
+    ctx = ParallelContext(4, 1, 0, tp4, PipelineEdges(None, None, tp4.stats))
+    with pytest.raises(ShardingError, match="num_key_value_heads=3"):
+        LlamaStage(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3), ctx, range(5), torch.float32)

@@ -1,0 +1,243 @@
+"""The planner (cluster/plan.py) and `tensorfleet plan` (deploy/cli.py).
+
+Memory is checked against parameter counts written out by hand below, never against the
+planner's own helpers.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import EngineConfig, ModelShape, ParallelConfig
+from cluster.plan import ClusterSpec, PlanError, make_plan
+from deploy.cli import main, parse_size
+
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "model_configs"
+GiB = 2**30
+LLAMA_8B = ModelShape.from_dir(MODEL_CONFIGS / "llama-3-8b")
+LLAMA_70B = ModelShape.from_dir(MODEL_CONFIGS / "llama-3-70b")
+H100 = ClusterSpec(nodes=1, gpus_per_node=8, gpu_memory_bytes=80 * GiB)
+
+
+def plan(shape=LLAMA_8B, tp=1, pp=1, partition=None, cluster=H100, **engine):
+    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                              layer_partition=partition)
+    return make_plan(shape, parallel, EngineConfig(**engine), torch.bfloat16, cluster)
+
+
+def plan_error(**kwargs) -> str:
+    with pytest.raises(PlanError) as e:
+        plan(**kwargs)
+    return str(e.value)
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_tp_that_does_not_divide_heads_lists_valid_sizes():
+    msg = plan_error(tp=3)
+    assert msg.startswith("parallel.tensor_parallel_size:")
+    assert "tensor_parallel_size=3 does not divide num_attention_heads=32" in msg
+    assert "1, 2, 4, 8, 16, 32" in msg
+
+
+def test_tp_that_does_not_divide_intermediate_size():
+    shape = dataclasses.replace(LLAMA_8B, intermediate_size=100)
+    msg = plan_error(shape=shape, tp=8)
+    assert "intermediate_size=100" in msg and "1, 2, 4" in msg and ", 8" not in msg
+
+
+def test_tp_larger_than_a_node_is_refused():
+    two_gpu_nodes = ClusterSpec(nodes=4, gpus_per_node=2, gpu_memory_bytes=80 * GiB)
+    msg = plan_error(tp=4, cluster=two_gpu_nodes)
+    assert "tensor_parallel_size=4 exceeds the 2 GPUs per node" in msg
+    assert "tensor_parallel_size <= 2" in msg and "pipeline_parallel_size" in msg
+
+
+def test_layer_partition_and_pp_errors():
+    msg = plan_error(pp=2, partition=[16, 15])
+    assert msg.startswith("parallel.layer_partition:") and "num_hidden_layers=32" in msg
+    small = dataclasses.replace(LLAMA_8B, num_hidden_layers=2)
+    msg = plan_error(shape=small, pp=3, cluster=ClusterSpec(3, 1, 80 * GiB))
+    assert msg.startswith("parallel.pipeline_parallel_size:") and "num_hidden_layers=2" in msg
+    p = plan(pp=4, partition=[10, 9, 9, 4], cluster=ClusterSpec(4, 1, 80 * GiB))
+    assert p.partition == (10, 9, 9, 4)
+    assert [s.layers for s in p.stages] == [range(0, 10), range(10, 19), range(19, 28),
+                                            range(28, 32)]
+
+
+def test_not_enough_nodes():
+    msg = plan_error(tp=8, pp=2, cluster=ClusterSpec(1, 8, 80 * GiB))
+    assert msg.startswith("parallel.pipeline_parallel_size:")
+    assert "16 GPUs on 2 nodes" in msg and "1 node(s)" in msg
+    # tp=4 packs two stages on an 8-GPU node.
+    assert plan(tp=4, pp=2, cluster=ClusterSpec(1, 8, 80 * GiB)).nodes == 1
+
+
+def test_max_model_len_above_the_model():
+    msg = plan_error(max_model_len=8193)
+    assert msg.startswith("engine.max_model_len:") and "max_position_embeddings=8192" in msg
+
+
+def test_weights_that_do_not_fit():
+    msg = plan_error(shape=LLAMA_70B, cluster=ClusterSpec(1, 8, 24 * GiB))
+    assert "weights do not fit" in msg and "tensor_parallel_size" in msg
+
+
+def test_no_room_for_one_sequence():
+    roomy = plan(max_model_len=8192).rank(0, 0)
+    one_seq = 8192 // 16 * roomy.kv_block_bytes
+    # Budget = weights + activations + half a sequence of KV cache.
+    memory = int((roomy.weight_bytes + roomy.activation_bytes + one_seq // 2) / 0.9) + 1
+    msg = plan_error(max_model_len=8192, cluster=ClusterSpec(1, 8, memory))
+    assert msg.startswith("engine.max_model_len:") and "needs 512 blocks" in msg
+
+
+def test_num_kv_blocks_given():
+    roomy = plan()
+    p = plan(num_kv_blocks=1000)
+    assert p.num_kv_blocks == 1000 and p.num_kv_blocks_given
+    assert p.rank(0, 0).kv_cache_bytes == 1000 * p.rank(0, 0).kv_block_bytes
+    msg = plan_error(num_kv_blocks=roomy.num_kv_blocks + 1)
+    assert msg.startswith("engine.num_kv_blocks:") and f"at most {roomy.num_kv_blocks}" in msg
+    msg = plan_error(num_kv_blocks=127)  # 2048 / 16 = 128 blocks per sequence
+    assert msg.startswith("engine.num_kv_blocks:")
+
+
+# --- accounting ---------------------------------------------------------------------------
+
+
+def test_sized_kv_cache_fills_the_budget_on_the_tightest_gpu():
+    p = plan(shape=LLAMA_70B, tp=8, pp=2, cluster=ClusterSpec(2, 8, 80 * GiB))
+    budget = int(80 * GiB * 0.9)
+    used = [r.weight_bytes + r.activation_bytes for r in p.ranks]
+    assert all(u + p.num_kv_blocks * r.kv_block_bytes <= budget for u, r in zip(used, p.ranks))
+    assert any(u + (p.num_kv_blocks + 1) * r.kv_block_bytes > budget
+               for u, r in zip(used, p.ranks))
+    # K and V x 40 layers x 1 KV head x head_dim 128 x 16 tokens x 2 bytes.
+    assert p.rank(1, 7).kv_block_bytes == 2 * 40 * 1 * 128 * 16 * 2
+    assert [r.heads.kv_head_start for r in p.stages[0].ranks] == list(range(8))
+
+
+def test_tied_embeddings_and_qkv_bias_counted_by_hand():
+    # Qwen2-like: H=64, 8 heads (d=8), 2 KV heads, I=128, 4 layers, vocab 1000 tied.
+    qwen = ModelShape.from_dict({
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1000, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16"})
+    # tp=2: 4 query heads + 1 KV head per rank; qkv width (4 + 2) * 8 = 48, plus its bias.
+    layer = 48 * 64 + 48 + 4 * 8 * 64 + 3 * 64 * 64 + 2 * 64
+    vocab_shard = 1024 // 2 * 64  # 1000 padded to a multiple of 64 * 2
+    small = ClusterSpec(2, 2, 1 * GiB)
+    one_stage = plan(shape=qwen, tp=2, cluster=small, max_num_batched_tokens=64)
+    assert one_stage.rank(0, 1).weight_bytes == 2 * (4 * layer + vocab_shard + 64)
+    two_stages = plan(shape=qwen, tp=2, pp=2, cluster=small, max_num_batched_tokens=64)
+    assert two_stages.rank(0, 0).weight_bytes == 2 * (2 * layer + vocab_shard)
+    assert two_stages.rank(1, 0).weight_bytes == 2 * (2 * layer + vocab_shard + 64)
+
+
+# --- tensorfleet plan ---------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, model: Path, tp: int, pp: int = 1) -> Path:
+    path = tmp_path / "tensorfleet.yaml"
+    path.write_text(f"model: {model}\nparallel:\n  tensor_parallel_size: {tp}\n"
+                    f"  pipeline_parallel_size: {pp}\n")
+    return path
+
+
+def table_rows(out: str) -> list[dict[str, str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["stage"])
+    header = lines[start].split()
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(dict(zip(header, line.split())))
+    return rows
+
+
+def test_llama_3_70b_params_by_hand():
+    # One layer: q and o 8192 x 8192, k and v 1024 x 8192 (8 KV heads x 128), MLP 3 x 8192 x
+    # 28672, two norms; plus the embedding and the LM head (128256 x 8192) and a final norm.
+    layer = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 8192 * 28672 + 2 * 8192
+    total = 80 * layer + 2 * 128256 * 8192 + 8192
+    assert total == 70_553_706_496
+    p = plan(shape=LLAMA_70B, cluster=ClusterSpec(1, 8, 200 * GiB))
+    assert p.rank(0, 0).weight_bytes == 2 * total
+
+
+def test_cli_70b_tp4(tmp_path, capsys):
+    # tp=4: 16 query heads, 2 KV heads, 28672 / 4 = 7168 MLP columns per rank.
+    layer = (16 + 2 * 2) * 128 * 8192 + 16 * 128 * 8192 + 3 * 7168 * 8192 + 2 * 8192
+    vocab_shard = 128256 // 4 * 8192  # 128256 = 501 x 256: no padding at tp=4
+    per_rank = 80 * layer + 2 * vocab_shard + 8192
+    assert per_rank == 17_639_415_808  # ~ 70.55e9 / 4
+    config = write_config(tmp_path, MODEL_CONFIGS / "llama-3-70b", tp=4)
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert len(rows) == 4
+    assert [r["q_heads"] for r in rows] == ["0-15", "16-31", "32-47", "48-63"]
+    assert [r["kv_heads"] for r in rows] == ["0-1", "2-3", "4-5", "6-7"]
+    assert {r["weights"] for r in rows} == {f"{2 * per_rank / GiB:.2f}"} == {"32.86"}
+    assert "4 GPUs on 1 node(s)" in out
+    p = plan(shape=LLAMA_70B, tp=4)
+    assert all(r.weight_bytes == 2 * per_rank for r in p.ranks)
+
+
+def test_cli_70b_tp8_pp2(tmp_path, capsys):
+    # tp=8: 8 query heads and 1 KV head per rank, 3584 MLP columns; 40 layers per stage.
+    layer = (8 + 2 * 1) * 128 * 8192 + 8 * 128 * 8192 + 3 * 3584 * 8192 + 2 * 8192
+    vocab_shard = 128512 // 8 * 8192  # 128256 padded up to a multiple of 64 x 8 = 512
+    first = 40 * layer + vocab_shard
+    last = 40 * layer + vocab_shard + 8192
+    config = write_config(tmp_path, MODEL_CONFIGS / "llama-3-70b", tp=8, pp=2)
+    assert main(["plan", str(config), "--gpus-per-node", "8", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert len(rows) == 16
+    assert {r["layers"] for r in rows[:8]} == {"0-39"} and {r["layers"] for r in rows[8:]} == {
+        "40-79"}
+    assert {r["weights"] for r in rows[:8]} == {f"{2 * first / GiB:.2f}"}
+    assert {r["weights"] for r in rows[8:]} == {f"{2 * last / GiB:.2f}"}
+    assert "16 GPUs on 2 node(s)" in out
+    p = plan(shape=LLAMA_70B, tp=8, pp=2, cluster=ClusterSpec(2, 8, 80 * GiB))
+    assert p.rank(0, 3).weight_bytes == 2 * first and p.rank(1, 5).weight_bytes == 2 * last
+
+
+def test_cli_exit_2_when_it_does_not_fit(tmp_path, capsys):
+    config = write_config(tmp_path, MODEL_CONFIGS / "llama-3-70b", tp=1)
+    assert main(["plan", str(config), "--gpu-memory", "24GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit" in err and "24.00 GiB" in err
+    config = write_config(tmp_path, MODEL_CONFIGS / "llama-3-70b", tp=4)
+    assert main(["plan", str(config), "--gpus-per-node", "2"]) == 2
+    assert "exceeds the 2 GPUs per node" in capsys.readouterr().err
+
+
+def test_cli_exit_2_on_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {MODEL_CONFIGS / 'llama-3-8b'}\nengine:\n  max_model_lenght: 10\n")
+    assert main(["plan", str(bad)]) == 2
+    assert "engine.max_model_lenght" in capsys.readouterr().err
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    assert main(["plan", str(write_config(tmp_path, empty, tp=1))]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * GiB
+    assert parse_size("40G") == 40 * GiB
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("1.5TiB") == int(1.5 * 2**40)
+    assert parse_size("4096") == 4096
+    for bad in ("", "GiB", "80XB", "-1G", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
