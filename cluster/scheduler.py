@@ -1,0 +1,116 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget (max_num_batched_tokens) and a sequence budget
+(max_num_seqs). Running sequences go first: a decode costs one token, an unfinished
+prompt its next chunk. Waiting sequences are then admitted in arrival order, first taking
+what the prefix cache already holds, their prompt chunked to what is left of the budget.
+When KV blocks run out, the newest running sequence is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed later (its full blocks stay in the
+prefix cache, so the recompute is often cheap). Nothing fails for lack of blocks unless a
+single sequence cannot fit the whole cache, which the engine refuses up front.
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.kv_blocks import BlockManager
+from cluster.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+    new_blocks: list[int]
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    prefill_tokens_computed: int = 0
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.released: list[int] = []  # seq ids the workers must forget at the next step
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or budget == 0:
+                continue  # preempted below, while making room for an older sequence
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            new = self._allocate_or_preempt(seq, seq.num_computed + n)
+            if new is None:
+                continue  # seq itself was preempted
+            out.append(ScheduledSeq(seq, n, new))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.blocks.block_ids:
+                seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            new = self.blocks.allocate(seq.blocks, seq.num_computed + n)
+            if new is None:
+                break  # wait for blocks; keep its prefix-cache hold, it is next in line
+            self.waiting.popleft()
+            if seq.admitted_at is None:  # first admission, not a recompute after preemption
+                seq.admitted_at = time.monotonic()
+                seq.num_cached_prompt = seq.num_computed
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n, new))
+            budget -= n
+        for s in out:
+            if s.seq.num_computed < len(s.seq.prompt_ids):
+                self.stats.prefill_tokens_computed += min(s.num_tokens, len(s.seq.prompt_ids) - s.seq.num_computed)
+        return out
+
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> list[int] | None:
+        while (new := self.blocks.allocate(seq.blocks, num_tokens)) is None:
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return None
+        return new
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.num_computed = 0
+        seq.blocks_sent = 0
+        seq.needs_params = True
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.released.append(seq.seq_id)
+        self.stats.preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Free a sequence's blocks (finished, aborted, or failed)."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.status is not SeqStatus.FINISHED:
+            self.blocks.release(seq.blocks)
+            self.released.append(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def take_released(self) -> list[int]:
+        released, self.released = self.released, []
+        return released

@@ -1,0 +1,387 @@
+"""The HTTP API over a FakeEngine: in-process through FastAPI's TestClient, and over a real
+uvicorn server on 127.0.0.1 with the official openai client and httpx."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from deploy.api import build_api
+from tests.fake_engine import FakeEngine, metaspace_tokenizer
+
+MODEL = "fake-model"
+API_KEY = "sk-test-key"
+REPLY = "Hello world! 🌍 The quick brown fox says 你好 to the lazy dog."
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(reply=REPLY, max_model_len=256)
+
+
+@pytest.fixture
+def client(engine: FakeEngine) -> TestClient:
+    return TestClient(build_api(engine, served_model_name=MODEL))
+
+
+def sse_events(text: str) -> list[dict]:
+    """The JSON events of a server-sent event stream, checking its framing and [DONE]."""
+    blocks = text.split("\n\n")
+    assert blocks[-2:] == ["data: [DONE]", ""], "the stream must end with data: [DONE]"
+    assert all(b.startswith("data: ") for b in blocks[:-1])
+    return [json.loads(b.removeprefix("data: ")) for b in blocks[:-2]]
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    return error
+
+
+# ---- in-process ----
+
+def test_completion(client: TestClient, engine: FakeEngine):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 100})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert body["choices"] == [{"index": 0, "text": REPLY, "logprobs": None, "finish_reason": "stop"}]
+    prompt_len = len(engine.tokenizer.encode("Hello there"))
+    completion_len = len(engine.reply_ids(0)) + 1  # EOS
+    assert body["usage"]["prompt_tokens"] == prompt_len
+    assert body["usage"]["completion_tokens"] == completion_len
+    assert body["usage"]["total_tokens"] == prompt_len + completion_len
+
+
+@pytest.mark.parametrize("prompt", [[5, 6, 7], ["Hello there"]])
+def test_completion_prompt_forms(client: TestClient, prompt: list):
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3})
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_stop_strings_and_stop_token_ids(client: TestClient, engine: FakeEngine):
+    ids = engine.reply_ids(0)
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stop": "fox", "max_tokens": 100})
+    assert r.json()["choices"][0] == {
+        "index": 0, "text": REPLY[: REPLY.index("fox")], "logprobs": None, "finish_reason": "stop"}
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stop_token_ids": [ids[3]], "max_tokens": 100})
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(ids[:3])
+
+
+def test_logprobs(client: TestClient):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "logprobs": 2})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert all(1 <= len(top) <= 3 for top in lp["top_logprobs"])
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "logprobs": True,
+                                                   "top_logprobs": 2})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) == 2 for c in content)
+
+
+def test_chat(client: TestClient, engine: FakeEngine):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT})
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+    count = client.post("/tokenize", json={"messages": CHAT}).json()["count"]
+    assert body["usage"]["prompt_tokens"] == count
+    (_, prompt, params), = engine.requests
+    assert len(prompt) == count and params.max_tokens == engine.max_model_len - count
+
+
+def test_chat_text_parts(client: TestClient):
+    content = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]
+    parts = [{"role": "user", "content": content}]
+    assert client.post("/v1/chat/completions", json={"messages": parts}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 100}),
+    ("/v1/chat/completions", {"messages": CHAT}),
+])
+def test_streaming_with_usage(client: TestClient, path: str, body: dict):
+    r = client.post(path, json=body | {"stream": True, "stream_options": {"include_usage": True}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 27
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks)
+    if path == "/v1/completions":
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    else:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == REPLY and "\ufffd" not in text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_n2(client: TestClient):
+    body = {"prompt": "Hi", "n": 2, "temperature": 0.8, "seed": 3, "max_tokens": 100}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert choices[0]["text"] != choices[1]["text"]
+    events = sse_events(client.post("/v1/completions", json=body | {"stream": True}).text)
+    for c in choices:
+        streamed = [e["choices"][0] for e in events if e["choices"][0]["index"] == c["index"]]
+        assert "".join(s["text"] for s in streamed) == c["text"]
+        assert streamed[-1]["finish_reason"] == "stop"
+
+
+LONG_PROMPT = list(range(10, 10 + 250))  # with max_model_len=256, no room for 16 tokens
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": list(range(300))}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": {"text": "Hi"}}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "Hi", "model": "gpt-9"}, 404, "model"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 10**4}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * 300}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-9", "stream": True}, 404, "model"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": -1, "stream": True}, 400, "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD_REQUESTS)
+def test_bad_requests_never_reach_the_engine(
+    client: TestClient, engine: FakeEngine, path: str, body: dict, status: int, param: str
+):
+    assert_error(client.post(path, json=body), status, param)
+    assert engine.requests == []
+
+
+def test_malformed_json(client: TestClient, engine: FakeEngine):
+    r = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert_error(r, 400, None)
+    assert engine.requests == []
+
+
+def test_body_too_large(engine: FakeEngine):
+    client = TestClient(build_api(engine, served_model_name=MODEL, max_body_bytes=1000))
+    assert_error(client.post("/v1/completions", json={"prompt": "x" * 2000}), 413, None)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted while reading
+        yield b'{"prompt": "'
+        yield b"x" * 2000
+        yield b'"}'
+
+    assert_error(client.post("/v1/completions", content=chunked()), 413, None)
+    assert client.post("/v1/completions", json={"prompt": "x" * 100}).status_code == 200
+    assert len(engine.requests) == 1
+
+
+def test_api_key(engine: FakeEngine):
+    client = TestClient(build_api(engine, served_model_name=MODEL, api_key=API_KEY))
+    body = {"prompt": "Hi"}
+    assert_error(client.post("/v1/completions", json=body), 401, None)
+    wrong = {"Authorization": "Bearer nope"}
+    assert_error(client.post("/v1/completions", json=body, headers=wrong), 401, None)
+    assert_error(client.get("/v1/models"), 401, None)
+    assert engine.requests == []
+    ok = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_chat_without_template(engine: FakeEngine):
+    engine.tokenizer = metaspace_tokenizer()
+    client = TestClient(build_api(engine, served_model_name=MODEL))
+    error = assert_error(client.post("/v1/chat/completions", json={"messages": CHAT}), 400, "messages")
+    assert "chat template" in error["message"]
+
+
+def test_models_health_and_dead_engine(client: TestClient, engine: FakeEngine):
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert client.get("/health").status_code == 200
+    engine.dead = True
+    assert_error(client.get("/health"), 503, None)
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi"}), 503, None)
+
+
+def test_tokenize_detokenize_round_trip(client: TestClient, engine: FakeEngine):
+    text = "Hello 🌍 world, 你好!"
+    tok = client.post("/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert tok["tokens"] == engine.tokenizer.encode(text)
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 256
+    assert client.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": text}
+    assert_error(client.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    assert_error(client.post("/tokenize", json={}), 400, "prompt")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_overloaded_is_429_with_retry_after(client: TestClient, engine: FakeEngine, stream: bool):
+    engine.overloaded = True
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stream": stream})
+    assert_error(r, 429, None)
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_engine_dies(client: TestClient, engine: FakeEngine):
+    engine.fail_after_steps = 3
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi"}), 503, None)
+    events = sse_events(client.post("/v1/completions", json={"prompt": "Hi", "stream": True}).text)
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["Hello", " world", "!"]
+    assert events[-1]["error"]["type"] == "service_unavailable_error"
+    engine.fail_after_steps = 0  # dies before the first token: still a plain 503
+    assert_error(client.post("/v1/completions", json={"prompt": "Hi", "stream": True}), 503, None)
+
+
+# ---- over a real server: uvicorn on 127.0.0.1, the openai client, httpx ----
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, FakeEngine]]:
+    engine = FakeEngine(reply=REPLY)
+    app = build_api(engine, served_model_name=MODEL, api_key=API_KEY)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other tests
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+    assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+@pytest.fixture
+def live(server: tuple[str, FakeEngine]) -> tuple[str, FakeEngine]:
+    url, engine = server
+    engine.step_delay_s, engine.fail_after_steps, engine.overloaded = 0.0, None, False
+    engine.requests.clear()
+    engine.aborted.clear()
+    return url, engine
+
+
+@pytest.fixture
+def oai(live: tuple[str, FakeEngine]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{live[0]}/v1", api_key=API_KEY, max_retries=0) as client:
+        yield client
+
+
+def test_openai_completions(oai: openai.OpenAI):
+    done = oai.completions.create(model=MODEL, prompt="Hello there", max_tokens=100)
+    assert done.choices[0].text == REPLY and done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens == 27
+    chunks = list(oai.completions.create(model=MODEL, prompt="Hello there", max_tokens=100, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == REPLY
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == done.usage.total_tokens
+
+
+def test_openai_chat_n2(oai: openai.OpenAI):
+    args = {"model": MODEL, "messages": CHAT, "n": 2, "temperature": 0.8, "seed": 1}
+    done = oai.chat.completions.create(**args)
+    assert [c.index for c in done.choices] == [0, 1]
+    assert done.choices[0].message.content != done.choices[1].message.content
+    texts = {0: "", 1: ""}
+    chunks = list(oai.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks[:-1]:
+        texts[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    assert texts == {c.index: c.message.content for c in done.choices}
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_openai_errors(oai: openai.OpenAI, live: tuple[str, FakeEngine]):
+    url, engine = live
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.completions.create(model=MODEL, prompt="Hi", temperature=-0.5)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.NotFoundError) as missing:
+        oai.chat.completions.create(model="gpt-9", messages=CHAT)
+    assert missing.value.param == "model"
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+    assert engine.requests == []
+    engine.overloaded = True
+    with pytest.raises(openai.RateLimitError):
+        oai.completions.create(model=MODEL, prompt="Hi")
+    engine.overloaded, engine.fail_after_steps = False, 3
+    with pytest.raises(openai.APIError, match="unavailable"):
+        for _ in oai.completions.create(model=MODEL, prompt="Hi", stream=True):
+            pass
+
+
+def wait_for_abort(engine: FakeEngine, request_id: str) -> None:
+    deadline = time.monotonic() + 5
+    while request_id not in engine.aborted:
+        assert time.monotonic() < deadline, f"{request_id} was never aborted"
+        time.sleep(0.01)
+
+
+def test_disconnect_mid_stream_aborts(live: tuple[str, FakeEngine]):
+    url, engine = live
+    engine.step_delay_s = 0.02  # 200 tokens take 4 s: the client leaves long before
+    body = {"prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        (request_id, _, _), = engine.requests
+        wait_for_abort(engine, request_id)
+
+
+def test_disconnect_while_waiting_for_full_answer_aborts(live: tuple[str, FakeEngine]):
+    url, engine = live
+    engine.step_delay_s = 0.02
+    body = {"prompt": "Hi", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.3,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    (request_id, _, _), = engine.requests
+    wait_for_abort(engine, request_id)
+
+
+async def test_32_concurrent_streams(live: tuple[str, FakeEngine]):
+    url, engine = live
+    engine.step_delay_s = 0.001
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"client {i}"}], stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as client:
+        texts = await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(32))), 20)
+    assert texts == [REPLY] * 32
+    assert len(engine.requests) == 32 and not engine.aborted
