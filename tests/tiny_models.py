@@ -73,3 +73,11 @@ def hf_prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 def max_rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Hugging Face greedy generate for one prompt alone, never stopping early at EOS."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

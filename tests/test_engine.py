@@ -1,0 +1,174 @@
+"""The engine in one process (tp=1, no Ray): continuous batching, preemption, prefix
+caching, sampling and aborts, checked against Hugging Face generate on each prompt alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from actors.worker import WorkerSpec
+from cluster.engine import Engine, EngineLimits
+from cluster.executor import InProcessExecutor
+from cluster.sampling_params import ParamError, SamplingParams
+from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    return path, save_tiny(llama_config(), path)
+
+
+def make_engine(path, *, num_blocks=256, max_num_seqs=16, max_tokens_per_step=128, prefix_caching=True) -> Engine:
+    spec = WorkerSpec(str(path), 1, 1, None, "float32", "cpu", max_model_len=256, block_size=BLOCK)
+    executor = InProcessExecutor(spec, num_blocks, memory_utilization=0.9, max_blocks=num_blocks)
+    limits = EngineLimits(256, max_num_seqs, max_tokens_per_step, BLOCK, prefix_caching)
+    return Engine(executor, limits, model_name="tiny", eos_token_ids=(2,))
+
+
+def run_all(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(p.n)] for rid, (_, p) in requests.items()}
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            for d in out.deltas:
+                tokens[out.request_id][d.index] += d.token_ids
+    return {rid: t[0] if len(t) == 1 else t for rid, t in tokens.items()}
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def mixed_requests(vocab: int, count: int, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, 60, (count,), generator=g).tolist()
+    outs = torch.randint(1, 30, (count,), generator=g).tolist()
+    prompts = random_prompts(vocab, lens, seed)
+    return {f"r{i}": (p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, outs))}
+
+
+def test_concurrent_greedy_matches_hf_alone(tiny):
+    path, hf = tiny
+    requests = mixed_requests(1000, 16)
+    got = run_all(make_engine(path), requests)
+    for rid, (prompt, params) in requests.items():
+        assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
+
+
+def test_preemption_under_tiny_kv_budget_keeps_outputs_exact(tiny):
+    path, hf = tiny
+    requests = mixed_requests(1000, 8, seed=5)
+    engine = make_engine(path, num_blocks=24)  # 192 token slots for ~8 x 60 tokens
+    got = run_all(engine, requests)
+    print(f"preemptions: {engine.scheduler.stats.preemptions}")
+    assert engine.scheduler.stats.preemptions > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    for rid, (prompt, params) in requests.items():
+        assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
+
+
+def test_chunked_prefill_of_long_prompt(tiny):
+    path, hf = tiny
+    prompt = random_prompts(1000, [150], seed=9)[0]
+    engine = make_engine(path, max_tokens_per_step=32)
+    got = run_all(engine, {"long": (prompt, greedy(10)), **mixed_requests(1000, 3)})
+    assert got["long"] == hf_greedy(hf, prompt, 10)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
+    path, _ = tiny
+    prompt = random_prompts(1000, [12], seed=11)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run_all(make_engine(path), {"s": (prompt, params)})["s"]
+    others = {f"o{i}": (p, SamplingParams(max_tokens=15, temperature=1.0, ignore_eos=True))
+              for i, p in enumerate(random_prompts(1000, [5, 30, 9], seed=12))}
+    batched = run_all(make_engine(path), {**others, "s": (prompt, params)})["s"]
+    assert alone == batched
+    different_seed = run_all(make_engine(path), {"s": (prompt, SamplingParams(**{**params.__dict__, "seed": 99}))})["s"]
+    assert different_seed != alone
+
+
+def test_n_completions_and_logprobs(tiny):
+    path, hf = tiny
+    prompt = random_prompts(1000, [10], seed=13)[0]
+    engine = make_engine(path)
+    engine.add_request("g", prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3))
+    deltas = [d for _ in range(8) for out in engine.step() for d in out.deltas]
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    first = deltas[0].logprobs[0]
+    assert first.token_id == int(want.argmax())
+    assert first.logprob == pytest.approx(float(want.max()), abs=1e-4)
+    assert set(first.top) == set(want.topk(3).indices.tolist())
+    two = run_all(make_engine(path), {"n": (prompt, SamplingParams(max_tokens=12, temperature=1.0, n=2, seed=7, ignore_eos=True))})
+    assert len(two["n"]) == 2 and two["n"][0] != two["n"][1]
+
+
+def test_prefix_cache_computes_fewer_prefill_tokens_with_identical_outputs(tiny):
+    path, hf = tiny
+    system = random_prompts(1000, [48], seed=21)[0]
+    tails = random_prompts(1000, [5, 9, 13, 7], seed=22)
+    requests = {f"p{i}": (system + t, greedy(6)) for i, t in enumerate(tails)}
+    counts, outputs = {}, {}
+    for caching in (False, True):
+        engine = make_engine(path, prefix_caching=caching)
+        first = dict(list(requests.items())[:1])
+        outputs[caching] = run_all(engine, first) | run_all(engine, dict(list(requests.items())[1:]))
+        counts[caching] = engine.scheduler.stats.prefill_tokens_computed
+    print(f"prefill tokens computed: {counts[False]} without prefix caching, {counts[True]} with")
+    assert counts[True] <= counts[False] - 3 * 40  # 3 later requests reuse >= 5 full blocks each
+    assert outputs[True] == outputs[False]
+    for rid, (prompt, params) in requests.items():
+        assert outputs[True][rid] == hf_greedy(hf, prompt, params.max_tokens)
+
+
+def test_abort_frees_every_block(tiny):
+    path, _ = tiny
+    engine = make_engine(path)
+    for rid, (p, params) in mixed_requests(1000, 6).items():
+        engine.add_request(rid, p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.scheduler.has_work()
+
+
+async def test_closing_a_stream_aborts_its_request(tiny):
+    path, _ = tiny
+    engine = make_engine(path)
+    prompt = random_prompts(1000, [20])[0]
+    stream = engine.generate("x", prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert "x" not in engine.requests
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+async def test_async_streams_run_concurrently(tiny):
+    path, hf = tiny
+    engine = make_engine(path)
+    requests = mixed_requests(1000, 6, seed=31)
+
+    async def collect(rid, prompt, params):
+        return [t async for out in engine.generate(rid, prompt, params) for d in out.deltas for t in d.token_ids]
+
+    got = await asyncio.gather(*(collect(rid, p, params) for rid, (p, params) in requests.items()))
+    for (rid, (prompt, params)), tokens in zip(requests.items(), got):
+        assert tokens == hf_greedy(hf, prompt, params.max_tokens)
+
+
+def test_too_long_request_rejected_up_front(tiny):
+    path, _ = tiny
+    engine = make_engine(path)
+    with pytest.raises(ParamError) as e:
+        engine.add_request("big", [5] * 250, SamplingParams(max_tokens=10))
+    assert e.value.param == "max_tokens"
+    assert not engine.scheduler.has_work()
