@@ -21,6 +21,10 @@ class Executor(Protocol):
         """Run one step on every worker; raise if any worker fails or misses the deadline."""
         ...
 
+    def prompt_logits(self, prompts: list[list[int]]) -> list:
+        """Logits at every position of each prompt (for `tensorfleet verify`)."""
+        ...
+
     def check_health(self) -> None: ...
 
     def shutdown(self) -> None: ...
@@ -48,6 +52,9 @@ class InProcessExecutor:
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.step(step)
+
+    def prompt_logits(self, prompts: list[list[int]]):
+        return self.worker.prompt_logits(prompts)
 
     def check_health(self) -> None:
         pass  # in-process: if the engine runs, so does its worker

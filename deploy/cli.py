@@ -2,16 +2,23 @@
 its arguments and one `run_<name>(args) -> exit code`; `main` only dispatches.
 
     tensorfleet plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu-memory 80GiB]
+    tensorfleet verify CONFIG [--simulate NxG | --address ADDR]
+    tensorfleet serve [CONFIG] [--simulate NxG | --address ADDR]
 
 Exit codes: 0 success, 2 a config or layout the user must change (message on stderr).
 """
 
 import argparse
+import contextlib
 import math
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 
+from actors.loader import CheckpointError
+from actors.models.llama import UnsupportedModelError
+from actors.sharding import ShardingError
 from cluster.config import ConfigError, ModelShape, load_config, resolve_dtype
 from cluster.plan import ClusterSpec, PlanError, format_plan, make_plan
 
@@ -98,9 +105,91 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tensorfleet verify -----------------------------------------------------------------
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--simulate", metavar="NxG",
+                       help="start a local Ray cluster of N nodes x G logical GPUs on 127.0.0.1, e.g. 2x2")
+    where.add_argument("--address", help="join a running Ray cluster (e.g. auto, or the head's GCS address)")
+
+
+@contextlib.contextmanager
+def ray_session(args: argparse.Namespace):
+    """Start a simulated cluster, join one, or (neither) run without Ray where possible."""
+    if args.simulate:
+        from cluster.local_cluster import parse_simulate, start_local_cluster
+
+        try:
+            nodes, gpus = parse_simulate(args.simulate)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        start = time.perf_counter()
+        cluster = start_local_cluster(nodes, gpus)
+        print(f"started a simulated {nodes}x{gpus} Ray cluster on 127.0.0.1 in {time.perf_counter() - start:.1f}s",
+              flush=True)
+        try:
+            yield
+        finally:
+            cluster.shutdown()
+    elif args.address:
+        from cluster.local_cluster import connect
+
+        connect(args.address)
+        yield
+    else:
+        yield
+
+
+def add_verify(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="run the configured TP x PP layout and compare its logits with Hugging Face",
+        description="Runs the layout of CONFIG on Ray (or in this process for tp=pp=1) and compares the "
+                    "logits at every position of a few prompts with the Hugging Face transformers model "
+                    "in float32. Exit 0 within tolerance (1e-4 float32, 2e-2 bf16/fp16), else 1.",
+    )
+    p.add_argument("config", help="the tensorfleet YAML config")
+    add_cluster_args(p)
+    p.set_defaults(run=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from cluster.verify import format_result, verify
+
+    config = load_config(args.config)
+    with ray_session(args):
+        result = verify(config, log=lambda m: print(m, flush=True))
+    print(format_result(result))
+    return 0 if result.ok else 1
+
+
+# --- tensorfleet serve ------------------------------------------------------------------
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with Ray Serve",
+        description="Deploy CONFIG (default: the built-in tiny model at tp=2 x pp=2 on a simulated "
+                    "2x2 cluster) with Ray Serve on serve.host:serve.port. Without --simulate or "
+                    "--address, a one-node Ray cluster is started on 127.0.0.1 for the layout.",
+    )
+    p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
+    add_cluster_args(p)
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from deploy.serve import run_serve as serve_config  # imports Ray Serve: only when serving
+
+    return serve_config(args)
+
+
 # --- dispatch ---------------------------------------------------------------------------
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_plan,)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_plan, add_verify, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, PlanError) as e:
+    except (ConfigError, PlanError, ShardingError, CheckpointError, UnsupportedModelError) as e:
         print(f"tensorfleet {args.command}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 

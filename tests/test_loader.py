@@ -100,3 +100,11 @@ def test_kv_heads_neither_split_nor_replicated():
     ctx = ParallelContext(4, 1, 0, tp4, PipelineEdges(None, None, tp4.stats))
     with pytest.raises(ShardingError, match="num_key_value_heads=3"):
         LlamaStage(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3), ctx, range(5), torch.float32)
+
+
+def test_llama_with_attention_and_mlp_bias(tmp_path):
+    """HF Llama's attention_bias puts a bias on q, k, v and o_proj; mlp_bias on the MLP."""
+    cfg = llama_config(attention_bias=True, mlp_bias=True)
+    hf = save_tiny(cfg, tmp_path)
+    prompts = random_prompts(cfg.vocab_size, [11])
+    assert max_rel_error(single_rank_logits(cfg, tmp_path, prompts), hf_prompt_logits(hf, prompts)) < 1e-4

@@ -11,6 +11,7 @@ between stages the hidden state (residual added in) travels over the PP edge.
 The model knows nothing about Ray: a worker builds it with its ParallelContext.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,17 +67,33 @@ def check_supported(hf_config: Any) -> str:
     return arch
 
 
+@dataclass(frozen=True)
+class Biases:
+    """Which projections carry a bias: Qwen2 has q/k/v bias only; HF Llama's
+    attention_bias covers q/k/v and o_proj, its mlp_bias the MLP."""
+
+    qkv: bool
+    o: bool
+    mlp: bool
+
+    @classmethod
+    def of(cls, cfg: Any, arch: str) -> "Biases":
+        attention = getattr(cfg, "attention_bias", False)
+        return cls(arch == "Qwen2ForCausalLM" or attention, attention and arch != "Qwen2ForCausalLM",
+                   getattr(cfg, "mlp_bias", False))
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, qkv_bias: bool):
+    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, bias: Biases):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         shard = head_shard(cfg.num_attention_heads, kv_heads, ctx.tp_size, ctx.tp_rank)
         self.q_size, self.kv_size = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, head_dim, cfg.num_attention_heads, kv_heads, shard, bias=qkv_bias, tp=ctx.tp, dtype=dtype
+            cfg.hidden_size, head_dim, cfg.num_attention_heads, kv_heads, shard, bias=bias.qkv, tp=ctx.tp, dtype=dtype
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=False, tp=ctx.tp, dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=bias.o, tp=ctx.tp, dtype=dtype)
         self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg))
         self.attn = PagedAttention(shard.num_heads, shard.num_kv_heads, head_dim)
 
@@ -88,11 +105,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype):
+    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, bias: bool):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=False, tp=ctx.tp, dtype=dtype)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=False, tp=ctx.tp, dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=bias, tp=ctx.tp, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=bias, tp=ctx.tp, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -100,10 +117,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, qkv_bias: bool):
+    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, bias: Biases):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, ctx, dtype, max_positions, qkv_bias)
-        self.mlp = LlamaMLP(cfg, ctx, dtype)
+        self.self_attn = LlamaAttention(cfg, ctx, dtype, max_positions, bias)
+        self.mlp = LlamaMLP(cfg, ctx, dtype, bias.mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -128,12 +145,12 @@ class LlamaStage(nn.Module):
         arch = check_supported(cfg)
         self.cfg, self.ctx, self.layer_range = cfg, ctx, layers
         max_positions = max_positions or cfg.max_position_embeddings
-        qkv_bias = arch == "Qwen2ForCausalLM" or getattr(cfg, "attention_bias", False)
+        bias = Biases.of(cfg, arch)
         self.model = nn.Module()
         if ctx.is_first_stage:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, dtype=dtype)
         self.model.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(cfg, ctx, dtype, max_positions, qkv_bias) for i in layers}
+            {str(i): LlamaDecoderLayer(cfg, ctx, dtype, max_positions, bias) for i in layers}
         )
         if ctx.is_last_stage:
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)

@@ -1,0 +1,64 @@
+"""The Ray Serve application: one replica owns one engine and its TP x PP workers.
+
+The replica builds the engine (placement groups, worker actors, weights) in its
+constructor and removes them with itself; the HTTP routes come from `deploy.api.build_api`,
+built on the replica after construction (Serve's late-bound ingress), so nothing heavy is
+pickled. `build_app` is what `serve run` / `serve deploy` import:
+
+    serve run deploy.app:build_app config=deploy/configs/default.yaml
+"""
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import TensorfleetConfig, load_config
+from cluster.replica import build_engine
+from deploy.api import build_api
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},  # the replica only schedules; its workers hold the devices
+    max_ongoing_requests=1024,  # continuous batching wants every request in the engine
+    health_check_period_s=5,
+    health_check_timeout_s=15,
+)
+@serve.ingress()
+class TensorfleetServer:
+    def __init__(self, config: dict[str, Any]):
+        self.config = TensorfleetConfig.model_validate(config)
+        self.engine = build_engine(self.config, log=logger.info)
+
+    def __serve_build_asgi_app__(self):
+        serve_cfg = self.config.serve
+        return build_api(
+            self.engine,
+            served_model_name=self.config.served_model_name,
+            api_key=serve_cfg.effective_api_key(),
+            max_body_bytes=serve_cfg.max_body_bytes,
+        )
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a dead worker marks the replica unhealthy, and
+        Serve replaces it (building a fresh engine and workers)."""
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.executor.shutdown()
+
+
+def deployment_for(config: TensorfleetConfig) -> Application:
+    return TensorfleetServer.options(name="tensorfleet").bind(config.model_dump())
+
+
+def build_app(args: dict[str, str]) -> Application:
+    """Entry point for `serve run deploy.app:build_app config=PATH` and Serve config files."""
+    if "config" not in args:
+        raise ValueError("pass the tensorfleet YAML as an application argument: config=PATH")
+    return deployment_for(load_config(args["config"]))

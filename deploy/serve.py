@@ -1,0 +1,70 @@
+"""`tensorfleet serve`: start (or join) Ray on loopback, deploy the app, print how to call it.
+
+With no config it serves the default model (built on first start) at tp=2 x pp=2 on a
+simulated 2-node cluster. Ctrl-C (or SIGTERM) shuts the application and what we started down.
+"""
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ray import serve
+
+from cluster.config import TensorfleetConfig, load_config
+from deploy.app import deployment_for
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def resolve_config(path: str | None) -> TensorfleetConfig:
+    if path is not None:
+        return load_config(path)
+    from deploy.default_model import ensure_default_model
+
+    ensure_default_model(log=lambda m: print(f"[default model] {m}", flush=True))
+    return load_config(DEFAULT_CONFIG)
+
+
+def curl_line(url: str, model: str, api_key: str | None) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    body = f'{{"model": "{model}", "prompt": "def fibonacci(n):", "max_tokens": 48, "temperature": 0}}'
+    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None) -> None:
+    """Deploy on the connected Ray cluster, print the URL, block until stopped."""
+    stop = stop or threading.Event()
+    host, port = config.serve.host, config.serve.port
+    par = config.parallel
+    print(f"deploying {config.served_model_name} at tp={par.tensor_parallel_size} x "
+          f"pp={par.pipeline_parallel_size} (loading weights; replica logs follow)...", flush=True)
+    start = time.perf_counter()
+    serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
+    serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
+    url = f"http://{host}:{port}"
+    print(f"\nready in {time.perf_counter() - start:.1f}s: {url}  (OpenAI API under {url}/v1)", flush=True)
+    print("try:\n  " + curl_line(url, config.served_model_name, config.serve.effective_api_key()), flush=True)
+    print("Ctrl-C to stop.", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        print("\nshutting down...", flush=True)
+        serve.shutdown()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from deploy.cli import ray_session
+
+    config = resolve_config(args.config)
+    if args.config is None and not (args.simulate or args.address):
+        args.simulate = "2x2"
+    if not (args.simulate or args.address):
+        par = config.parallel
+        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
+    with ray_session(args):
+        serve_forever(config)
+    return 0
