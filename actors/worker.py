@@ -7,7 +7,6 @@ its TP slice of them, and allocates KV blocks only for those layers and its KV h
 """
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -58,13 +57,6 @@ class Worker:
         self.sampler = Sampler(self.device)
 
     # -- setup -------------------------------------------------------------------------
-
-    def rendezvous_address(self) -> str:
-        """A tcp:// address on this host with a free port, for rank 0 to host the rendezvous."""
-        ip = os.environ.get("TENSORFLEET_NODE_IP") or socket.gethostbyname(socket.gethostname())
-        with socket.socket() as s:
-            s.bind((ip, 0))
-            return f"tcp://{ip}:{s.getsockname()[1]}"
 
     def init_groups(self, init_method: str) -> None:
         backend = "nccl" if self.device.type == "cuda" else "gloo"

@@ -38,18 +38,13 @@ def interface_of(ip: str) -> str | None:
 
 
 class RayWorker(Worker):
-    """The Ray actor: a plain Worker that first learns its node's address."""
+    """The Ray actor: a plain Worker whose collectives use its Ray node's interface."""
 
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
-        ip = ray.util.get_node_ip_address()
-        os.environ["TENSORFLEET_NODE_IP"] = ip
-        if (iface := interface_of(ip)) is not None:
+        if (iface := interface_of(ray.util.get_node_ip_address())) is not None:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
         super().__init__(spec, stage, tp_rank)
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     def ping(self) -> bool:
         return True

@@ -41,7 +41,7 @@ def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None
     print(f"deploying {config.served_model_name} at tp={par.tensor_parallel_size} x "
           f"pp={par.pipeline_parallel_size} (loading weights; replica logs follow)...", flush=True)
     start = time.perf_counter()
-    serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
     url = f"http://{host}:{port}"
     print(f"\nready in {time.perf_counter() - start:.1f}s: {url}  (OpenAI API under {url}/v1)", flush=True)

@@ -27,3 +27,13 @@ def tiny_llama_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-llama")
     return path, save_tiny(llama_config(), path)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """A small Llama with a real tokenizer and chat template: the default-model recipe,
+    trained for a few seconds only."""
+    from deploy.default_model import BuildSpec, build_model
+
+    out = tmp_path_factory.mktemp("chat-model") / "tiny-py"
+    return build_model(out, BuildSpec(train_seconds=4, corpus_bytes=400_000, vocab_size=1024), log=lambda m: None).path
