@@ -112,6 +112,8 @@ class Worker:
         for seq_id in step.released:
             self.block_tables.pop(seq_id, None)
             self.seq_params.pop(seq_id, None)
+        if not step.seqs:  # only releases (or a control-overhead probe): no forward
+            return StepOutput(step.step_id, [])
         token_ids, positions, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], []
         for s in step.seqs:
             table = self.block_tables.setdefault(s.seq_id, [])
