@@ -28,7 +28,6 @@ import ray
 from ray._private import ray_constants
 from ray._raylet import AuthenticationTokenLoader, Config
 from ray.cluster_utils import Cluster
-from ray.exceptions import AuthenticationError
 
 _LOOPBACK = "127.0.0.1"
 # Unix socket paths (raylet, plasma) live under the temp dir and must stay under
@@ -47,11 +46,15 @@ class LocalCluster:
     nodes: int
     gpus_per_node: int
     cpus_per_node: int
-    address: str
     temp_dir: str
     _cluster: Cluster = field(repr=False)
     _saved_env: dict[str, str | None] = field(repr=False)
     _alive: bool = field(default=True, repr=False)
+
+    @property
+    def address(self) -> str:
+        """The GCS address, `127.0.0.1:PORT`."""
+        return self._cluster.address
 
     def shutdown(self) -> None:
         """Disconnect the driver, stop this cluster's processes, restore the environment.
@@ -121,33 +124,25 @@ def start_local_cluster(
             _SINGLE_HOST_FLAG: "0",
         }
     )
-    cluster = Cluster()
+    local = LocalCluster(nodes, gpus_per_node, cpus, temp_dir, Cluster(), saved_env)
     try:
         for _ in range(nodes):
-            cluster.add_node(
+            local._cluster.add_node(
                 node_ip_address=_LOOPBACK,
                 num_cpus=cpus,
                 num_gpus=gpus_per_node,
                 temp_dir=os.path.join(temp_dir, "ray"),
                 include_dashboard=False,
+                # The head's agent would take fixed port 52365, which another cluster
+                # on this machine may hold already.
+                dashboard_agent_listen_port=0,
             )
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, _node_ip_address=_LOOPBACK)
+        local._cluster.wait_for_nodes()
+        ray.init(address=local.address, _node_ip_address=_LOOPBACK)
     except BaseException:
-        ray.shutdown()
-        cluster.shutdown()
-        _swap_env(saved_env)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        local.shutdown()
         raise
-    return LocalCluster(
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        cpus_per_node=cpus,
-        address=cluster.address,
-        temp_dir=temp_dir,
-        _cluster=cluster,
-        _saved_env=saved_env,
-    )
+    return local
 
 
 def connect(address: str | None = None) -> None:
@@ -156,7 +151,7 @@ def connect(address: str | None = None) -> None:
     `None` means Ray's own discovery: `$RAY_ADDRESS`, else the cluster `ray start` left
     on this machine. For an explicit address Ray uses a token only when
     `RAY_AUTH_MODE=token` is set (it never sends `~/.ray/auth_token` to an address on
-    its own), so an auth failure is turned into a message that says what to set.
+    its own), so a refused token is turned into a message that says what to set.
     """
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
@@ -166,11 +161,12 @@ def connect(address: str | None = None) -> None:
     try:
         ray.init(address=address or "auto")
     except ConnectionError as e:
-        if isinstance(e.__cause__, AuthenticationError):
+        # Ray reports a refused token only as text inside the chained GCS error.
+        if "InvalidAuthToken" in str(e.__cause__):
             raise ConnectionError(
-                f"the Ray cluster at {address or 'auto'} requires token authentication: export "
-                "RAY_AUTH_MODE=token and provide the cluster's token via RAY_AUTH_TOKEN, "
-                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+                f"the Ray cluster at {address or 'auto'} uses token authentication and did "
+                "not accept this driver: export RAY_AUTH_MODE=token and provide that "
+                "cluster's token via RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
             ) from e
         raise
 
