@@ -27,7 +27,7 @@ from actors.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from actors.rotary import RotaryEmbedding, rope_parameters
+from actors.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from actors.sharding import head_shard
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -84,9 +84,8 @@ class Biases:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, bias: Biases):
+    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, head_dim: int, bias: Biases):
         super().__init__()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         shard = head_shard(cfg.num_attention_heads, kv_heads, ctx.tp_size, ctx.tp_rank)
         self.q_size, self.kv_size = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
@@ -94,13 +93,12 @@ class LlamaAttention(nn.Module):
             cfg.hidden_size, head_dim, cfg.num_attention_heads, kv_heads, shard, bias=bias.qkv, tp=ctx.tp, dtype=dtype
         )
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=bias.o, tp=ctx.tp, dtype=dtype)
-        self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg))
         self.attn = PagedAttention(shard.num_heads, shard.num_kv_heads, head_dim)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         d = self.attn.head_dim
-        q, k = self.rotary(positions, q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)))
+        q, k = apply_rotary(q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), rope)
         return self.o_proj(self.attn(q, k, v.unflatten(-1, (-1, d)), meta))
 
 
@@ -117,16 +115,16 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, max_positions: int, bias: Biases):
+    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, head_dim: int, bias: Biases):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, ctx, dtype, max_positions, bias)
+        self.self_attn = LlamaAttention(cfg, ctx, dtype, head_dim, bias)
         self.mlp = LlamaMLP(cfg, ctx, dtype, bias.mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x, residual, positions, meta):
+    def forward(self, x, residual, rope, meta):
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, meta)
+        h = self.self_attn(h, rope, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -146,11 +144,13 @@ class LlamaStage(nn.Module):
         self.cfg, self.ctx, self.layer_range = cfg, ctx, layers
         max_positions = max_positions or cfg.max_position_embeddings
         bias = Biases.of(cfg, arch)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg))
         self.model = nn.Module()
         if ctx.is_first_stage:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, dtype=dtype)
         self.model.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(cfg, ctx, dtype, max_positions, bias) for i in layers}
+            {str(i): LlamaDecoderLayer(cfg, ctx, dtype, head_dim, bias) for i in layers}
         )
         if ctx.is_last_stage:
             self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -161,9 +161,10 @@ class LlamaStage(nn.Module):
         """Token ids [T] on the first stage, hidden states [T, hidden] on the others.
         Returns the hidden state after this stage's layers (final-normed on the last stage)."""
         x = self.model.embed_tokens(input_ids_or_hidden) if self.ctx.is_first_stage else input_ids_or_hidden
+        rope = self.rotary(positions, x.dtype)
         residual = None
         for layer in self.model.layers.values():
-            x, residual = layer(x, residual, positions, meta)
+            x, residual = layer(x, residual, rope, meta)
         if self.ctx.is_last_stage:
             return self.model.norm(x, residual)[0]
         return x + residual
