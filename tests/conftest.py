@@ -36,4 +36,4 @@ def chat_model_dir(tmp_path_factory):
     from deploy.default_model import BuildSpec, build_model
 
     out = tmp_path_factory.mktemp("chat-model") / "tiny-py"
-    return build_model(out, BuildSpec(train_seconds=4, corpus_bytes=400_000, vocab_size=1024), log=lambda m: None).path
+    return build_model(out, BuildSpec(train_seconds=4, corpus_chars=400_000, vocab_size=1024), log=lambda m: None).path
