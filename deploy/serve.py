@@ -23,8 +23,9 @@ def resolve_config(path: str | None) -> TensorfleetConfig:
         return load_config(path)
     from deploy.default_model import ensure_default_model
 
-    ensure_default_model(log=lambda m: print(f"[default model] {m}", flush=True))
-    return load_config(DEFAULT_CONFIG)
+    model_dir = ensure_default_model(log=lambda m: print(f"[default model] {m}", flush=True))
+    # $TENSORFLEET_MODEL_DIR may move the default model: serve the directory just ensured
+    return load_config(DEFAULT_CONFIG).model_copy(update={"model": str(model_dir)})
 
 
 def curl_line(url: str, model: str, api_key: str | None) -> str:
