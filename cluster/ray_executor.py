@@ -8,8 +8,9 @@ A step is one `StepInput` sent to every worker (put once in the object store); s
 hands its hidden states to stage s+1 over torch.distributed, and TP rank 0 of the last
 stage returns the sampled tokens. Two ways to send it:
 - plain: one Ray actor call per worker per step;
-- compiled: a Ray Compiled Graph over the same actors, built once, which skips per-call
-  task submission (`engine.executor: compiled`).
+- compiled (the default): a Ray Compiled Graph over the same actors, built once, which
+  skips per-call task submission. Measured on a 2-core CPU, tp=2 x pp=2 simulated on one
+  host, an empty step costs ~1.6 ms compiled against ~8 ms plain (`engine.executor`).
 """
 
 import os
@@ -115,8 +116,7 @@ class RayExecutor:
         return results[(self.spec.pp - 1) * self.spec.tp]
 
     def check_health(self) -> None:
-        if self.compiled is not None:
-            return  # compiled-graph actors run their graph loop; a dead one fails the next step
+        # Answered beside a compiled graph's loop too (it runs in its own concurrency group).
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=10)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:

@@ -106,7 +106,7 @@ def control_overhead_us(path: Path, executor: str, steps: int = 300) -> float:
         engine.executor.shutdown()
 
 
-def main(batch_sizes: tuple[int, ...] = (8, 16, 32), requests: int = 64) -> None:
+def main(batch_sizes: tuple[int, ...] = (16, 32, 64), requests: int = 64) -> None:
     work = mixed_workload(requests)
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
