@@ -42,9 +42,9 @@ class TPGroup:
     group: dist.ProcessGroup | None = None  # None when size == 1
     global_ranks: list[int] = field(default_factory=list)
     stats: CommStats = field(default_factory=CommStats)
-    # A collective on CUDA is asynchronous; timing it needs a sync, which only the
-    # benchmarks ask for.
-    time_collectives: bool = True
+    # A collective on CUDA is asynchronous: its time is only true after a sync, which
+    # stalls the stream, so only a profiling run turns it on. gloo (CPU) is synchronous.
+    sync_to_time_collectives: bool = False
 
     @classmethod
     def single(cls) -> "TPGroup":
@@ -55,7 +55,7 @@ class TPGroup:
             return x
         start = time.perf_counter()
         dist.all_reduce(x, group=self.group)
-        if self.time_collectives and x.is_cuda:
+        if self.sync_to_time_collectives and x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.stats.all_reduces += 1
         self.stats.all_reduce_seconds += time.perf_counter() - start

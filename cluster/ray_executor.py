@@ -126,9 +126,6 @@ class RayExecutor:
         results = self._all(lambda w: w.prompt_logits.remote(prompts), "scoring prompts")
         return results[(self.spec.pp - 1) * self.spec.tp]
 
-    def comm_stats(self) -> list[dict]:
-        return self._all(lambda w: w.comm_stats.remote(), "reading stats")
-
     def shutdown(self) -> None:
         if getattr(self, "compiled", None) is not None:
             self.compiled.teardown()
