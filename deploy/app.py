@@ -47,6 +47,12 @@ class TensorfleetServer:
         Serve replaces it (building a fresh engine and workers)."""
         await self.engine.check_health()
 
+    async def engine_stats(self) -> dict[str, int]:
+        """Scheduler and KV-cache occupancy, for operators (through a Serve handle) and tests."""
+        e = self.engine
+        return {"kv_blocks": e.blocks.num_blocks, "kv_blocks_free": e.blocks.num_free,
+                "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting)}
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:

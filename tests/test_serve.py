@@ -120,12 +120,22 @@ async def test_32_concurrent_streams_complete_and_disconnects_do_no_harm(server,
     async def hang_up():  # a client that leaves mid-stream
         async with httpx.AsyncClient(timeout=30) as h:
             async with h.stream("POST", f"{server}/v1/completions", json={
-                    "model": MODEL, "prompt": "class A:", "max_tokens": 200, "stream": True}) as r:
+                    "model": MODEL, "prompt": "class A:", "max_tokens": 480, "stream": True, "ignore_eos": True}) as r:
                 async for _ in r.aiter_lines():
                     break
 
     results = await asyncio.gather(*(one(p) for p in prompts), hang_up(), hang_up())
     texts = results[:32]
+    # the two clients that hung up asked for 480 tokens each (many seconds of decoding):
+    # their requests must be aborted and every KV block back in the free pool within 3 s
+    handle = serve.get_app_handle("tensorfleet")
+    for _ in range(15):
+        stats = await handle.engine_stats.remote()
+        if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks"]:
+            break
+        await asyncio.sleep(0.2)
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+    assert stats["kv_blocks_free"] == stats["kv_blocks"], stats
     tok = reference[1]
     for prompt, text in list(zip(prompts, texts))[:4]:
         assert text == hf_greedy_text(reference, tok.encode(prompt), 12)
