@@ -1,7 +1,6 @@
 """A sequence: one of a request's n completions, as the scheduler and engine track it."""
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from cluster.kv_blocks import SeqBlocks
@@ -29,7 +28,6 @@ class Sequence:
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
     blocks_sent: int = 0  # how many of blocks.block_ids the workers already know
     needs_params: bool = True  # workers have not seen this sequence's params since (re)admission
-    arrival: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # first scheduled (queue time ends)
 
     @property

@@ -1,6 +1,5 @@
 """Loading checkpoints: sharded files, dtypes, and bad checkpoints that say what is wrong."""
 
-import json
 
 import pytest
 import torch
