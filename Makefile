@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # from your CUDA index. Installed before the project so pip never resolves torch itself.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup serve test test-quick bench clean
+.PHONY: setup system-packages serve test test-quick bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,11 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/tensorfleet serve
 
-test: setup
+# Prometheus, sshd and rsync are real peers in the tests (apt-get, only what is missing)
+system-packages:
+	bash .ci/system-packages
+
+test: setup system-packages
 	$(BIN)/python -m pytest -q -ra tests
 
 test-quick: setup

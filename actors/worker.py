@@ -7,6 +7,7 @@ its TP slice of them, and allocates KV blocks only for those layers and its KV h
 """
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,25 @@ class WorkerSpec:
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
 
 
+@dataclass(frozen=True)
+class RankStats:
+    """One rank's running totals, for the metrics and the benchmarks.
+
+    forward_s is model compute, all-reduces included, time spent waiting on the previous
+    stage excluded; all_reduce_s / forward_s is this rank's all-reduce share."""
+
+    stage: int
+    tp_rank: int
+    steps: int
+    forward_s: float
+    all_reduces: int
+    all_reduce_s: float
+    p2p_s: float
+    weight_bytes: int
+    kv_cache_bytes: int
+    peak_memory_bytes: int
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
         self.spec, self.stage, self.tp_rank = spec, stage, tp_rank
@@ -55,6 +75,8 @@ class Worker:
         self.block_tables: dict[int, list[int]] = {}
         self.seq_params: dict = {}
         self.sampler = Sampler(self.device)
+        self.steps = 0
+        self.forward_seconds = 0.0
 
     # -- setup -------------------------------------------------------------------------
 
@@ -127,17 +149,21 @@ class Worker:
             tables.append(table)
             if s.sample:
                 sample_rows.append(len(token_ids) - 1)
-        start = time.perf_counter()
-        hidden = self._forward(token_ids, positions, query_lens, context_lens, tables)
-        if not self.ctx.is_last_stage:
-            self.ctx.pp.send_next(hidden)
-            return None
-        logits = self.model.compute_logits(hidden[sample_rows])
-        if logits is None:  # not TP rank 0: the logits were gathered there
-            return None
-        sampled = [s for s in step.seqs if s.sample]
-        tokens = self.sampler(logits, [self.seq_params[s.seq_id] for s in sampled], [s.output_index for s in sampled])
-        return StepOutput(step.step_id, tokens, time.perf_counter() - start)
+        start, p2p_before = time.perf_counter(), self.ctx.tp.stats.p2p_seconds
+        try:
+            hidden = self._forward(token_ids, positions, query_lens, context_lens, tables)
+            if not self.ctx.is_last_stage:
+                self.ctx.pp.send_next(hidden)
+                return None
+            logits = self.model.compute_logits(hidden[sample_rows])
+            if logits is None:  # not TP rank 0: the logits were gathered there
+                return None
+            sampled = [s for s in step.seqs if s.sample]
+            tokens = self.sampler(logits, [self.seq_params[s.seq_id] for s in sampled], [s.output_index for s in sampled])
+            return StepOutput(step.step_id, tokens, time.perf_counter() - start)
+        finally:
+            self.steps += 1
+            self.forward_seconds += time.perf_counter() - start - (self.ctx.tp.stats.p2p_seconds - p2p_before)
 
     def _forward(self, token_ids, positions, query_lens, context_lens, tables) -> torch.Tensor:
         meta = build_attention_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
@@ -170,6 +196,16 @@ class Worker:
         logits = self.model.compute_logits(hidden)
         return list(logits.cpu().split(lens)) if logits is not None else None
 
-    def comm_stats(self) -> dict[str, float]:
+    def rank_stats(self) -> RankStats:
         s = self.ctx.tp.stats
-        return {"all_reduces": s.all_reduces, "all_reduce_s": s.all_reduce_seconds, "p2p_s": s.p2p_seconds}
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:  # ru_maxrss is in KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return RankStats(
+            stage=self.stage, tp_rank=self.tp_rank, steps=self.steps, forward_s=self.forward_seconds,
+            all_reduces=s.all_reduces, all_reduce_s=s.all_reduce_seconds, p2p_s=s.p2p_seconds,
+            weight_bytes=self.weight_bytes() if self.model is not None else 0,
+            kv_cache_bytes=self.num_kv_blocks * self.kv_block_bytes() if self.model is not None else 0,
+            peak_memory_bytes=peak,
+        )

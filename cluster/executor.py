@@ -8,7 +8,7 @@ Ray at all (what a one-GPU user wants, and what runs on a machine without Ray).
 from typing import Protocol
 
 from actors.step_io import StepInput, StepOutput
-from actors.worker import Worker, WorkerSpec
+from actors.worker import RankStats, Worker, WorkerSpec
 
 # On CPU the KV cache shares RAM with everything else: take at most this share of what is free.
 CPU_KV_MEMORY_FRACTION = 0.25
@@ -26,6 +26,10 @@ class Executor(Protocol):
         ...
 
     def check_health(self) -> None: ...
+
+    def rank_stats(self) -> list[RankStats]:
+        """Every rank's running totals (forward and all-reduce time, memory), mesh order."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -58,6 +62,9 @@ class InProcessExecutor:
 
     def check_health(self) -> None:
         pass  # in-process: if the engine runs, so does its worker
+
+    def rank_stats(self) -> list[RankStats]:
+        return [self.worker.rank_stats()]
 
     def shutdown(self) -> None:
         self.worker = None

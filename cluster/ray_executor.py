@@ -23,7 +23,7 @@ import ray
 from ray.dag import InputNode, MultiOutputNode
 
 from actors.step_io import StepInput, StepOutput
-from actors.worker import Worker, WorkerSpec
+from actors.worker import RankStats, Worker, WorkerSpec
 from cluster.engine_client import EngineDeadError
 from cluster.executor import kv_blocks_that_fit
 from cluster.placement import place_workers, rendezvous_address
@@ -121,6 +121,9 @@ class RayExecutor:
             ray.get([w.ping.remote() for w in self.workers], timeout=10)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             raise EngineDeadError(f"a worker does not answer: {e}") from None
+
+    def rank_stats(self) -> list[RankStats]:
+        return self._all(lambda w: w.rank_stats.remote(), "reporting rank stats")
 
     def prompt_logits(self, prompts: list[list[int]]):
         results = self._all(lambda w: w.prompt_logits.remote(prompts), "scoring prompts")

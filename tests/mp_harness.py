@@ -24,11 +24,11 @@ def _rank_main(spec: WorkerSpec, stage: int, tp_rank: int, init_method: str, pro
         load = worker.load()
         blocks = sum(-(-len(p) // spec.block_size) for p in prompts)
         worker.allocate_kv(blocks)
-        before = worker.comm_stats()["all_reduces"]
+        before = worker.rank_stats().all_reduces
         logits = worker.prompt_logits(prompts)
         report = {
             **load,
-            "all_reduces_per_forward": worker.comm_stats()["all_reduces"] - before,
+            "all_reduces_per_forward": worker.rank_stats().all_reduces - before,
             "gathers": worker.ctx.tp.stats.gathers,
             "param_names": [n for n, _ in worker.model.named_parameters()],
         }

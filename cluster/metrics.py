@@ -1,0 +1,113 @@
+"""Prometheus metrics through Ray's metrics system, from every replica and every rank.
+
+Each Ray node's metrics agent serves what the processes on that node record; a
+Prometheus that scrapes every node's `metrics_export_port` sees them all. Ray prefixes
+each name with `ray_`, counters get `_total`, histograms `_bucket` / `_sum` / `_count`.
+The exported names (what dashboards and PromQL use):
+
+Engine, one series set per replica (label `model_name`):
+    ray_tensorfleet_time_to_first_token_seconds     histogram  arrival -> first token
+    ray_tensorfleet_inter_token_latency_seconds     histogram  between tokens of one completion
+    ray_tensorfleet_e2e_request_latency_seconds     histogram  arrival -> last token
+    ray_tensorfleet_request_queue_time_seconds      histogram  arrival -> first scheduled
+    ray_tensorfleet_request_prompt_tokens           histogram  per finished request
+    ray_tensorfleet_request_generation_tokens       histogram  per finished request
+    ray_tensorfleet_prompt_tokens_total             counter    prompt tokens prefilled
+    ray_tensorfleet_generation_tokens_total         counter    tokens sampled
+    ray_tensorfleet_requests_finished_total         counter    label finish_reason:
+                                                               stop | length | abort | error
+    ray_tensorfleet_requests_rejected_total         counter    label reason: overloaded
+    ray_tensorfleet_preemptions_total               counter
+    ray_tensorfleet_prefix_cache_queries_total      counter    prompt tokens looked up
+    ray_tensorfleet_prefix_cache_hits_total         counter    of those, found in the cache
+    ray_tensorfleet_replica_restarts_total          counter    workers rebuilt after a failure
+    ray_tensorfleet_requests_running                gauge
+    ray_tensorfleet_requests_waiting                gauge
+    ray_tensorfleet_kv_cache_usage_ratio            gauge      used / all KV blocks
+
+Per rank (labels `model_name`, `stage`, `tp_rank`):
+    ray_tensorfleet_worker_forward_seconds_total    counter    model compute incl. all-reduces,
+                                                               excl. waiting for the previous stage
+    ray_tensorfleet_worker_all_reduce_seconds_total counter    in TP all-reduces
+    ray_tensorfleet_worker_weight_memory_bytes      gauge
+    ray_tensorfleet_worker_kv_cache_memory_bytes    gauge
+    ray_tensorfleet_worker_peak_memory_bytes        gauge      CUDA peak allocated, or peak RSS on CPU
+
+so the all-reduce share of a rank is
+    rate(ray_tensorfleet_worker_all_reduce_seconds_total[1m])
+      / rate(ray_tensorfleet_worker_forward_seconds_total[1m])
+
+Outside a Ray process the metric objects record nothing, so the engine and worker code
+call them unconditionally.
+"""
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+PREFIX = "tensorfleet_"
+
+_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+_TOKEN_BUCKETS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+
+
+def _histogram(name: str, description: str, buckets: list[float], tags: tuple[str, ...]) -> Histogram:
+    return Histogram(PREFIX + name, description=description, boundaries=buckets, tag_keys=tags)
+
+
+class EngineMetrics:
+    """What one replica's engine records; every series carries `model_name`."""
+
+    def __init__(self, model_name: str):
+        tags = ("model_name",)
+        self._tags = {"model_name": model_name}
+        h = _histogram
+        self.ttft = h("time_to_first_token_seconds", "Request arrival to its first token", _LATENCY_BUCKETS, tags)
+        self.itl = h("inter_token_latency_seconds", "Time between two tokens of one completion", _LATENCY_BUCKETS, tags)
+        self.e2e = h("e2e_request_latency_seconds", "Request arrival to its last token", _LATENCY_BUCKETS, tags)
+        self.queue = h("request_queue_time_seconds", "Request arrival to its first scheduled step", _LATENCY_BUCKETS, tags)
+        self.prompt_len = h("request_prompt_tokens", "Prompt tokens per finished request", _TOKEN_BUCKETS, tags)
+        self.gen_len = h("request_generation_tokens", "Generated tokens per finished request", _TOKEN_BUCKETS, tags)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", description="Prompt tokens prefilled", tag_keys=tags)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", description="Tokens sampled", tag_keys=tags)
+        self.finished = Counter(PREFIX + "requests_finished", description="Finished requests by finish reason",
+                                tag_keys=tags + ("finish_reason",))
+        self.rejected = Counter(PREFIX + "requests_rejected", description="Requests refused before queueing",
+                                tag_keys=tags + ("reason",))
+        self.preemptions = Counter(PREFIX + "preemptions", description="Sequences preempted for KV blocks", tag_keys=tags)
+        self.cache_queries = Counter(PREFIX + "prefix_cache_queries", description="Prompt tokens looked up in the prefix cache", tag_keys=tags)
+        self.cache_hits = Counter(PREFIX + "prefix_cache_hits", description="Prompt tokens found in the prefix cache", tag_keys=tags)
+        self.restarts = Counter(PREFIX + "replica_restarts", description="Worker rebuilds after a failure", tag_keys=tags)
+        self.running = Gauge(PREFIX + "requests_running", description="Sequences in the running batch", tag_keys=tags)
+        self.waiting = Gauge(PREFIX + "requests_waiting", description="Sequences waiting to be scheduled", tag_keys=tags)
+        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_ratio", description="Used share of the KV blocks", tag_keys=tags)
+
+    def observe(self, histogram: Histogram, value: float) -> None:
+        histogram.observe(value, tags=self._tags)
+
+    def inc(self, counter: Counter, value: float = 1.0, **labels: str) -> None:
+        if value > 0:
+            counter.inc(value, tags={**self._tags, **labels})
+
+    def set(self, gauge: Gauge, value: float) -> None:
+        gauge.set(value, tags=self._tags)
+
+
+class RankMetrics:
+    """What one worker (one GPU) records, labelled with its place in the TP x PP mesh."""
+
+    def __init__(self, model_name: str, stage: int, tp_rank: int):
+        tags = ("model_name", "stage", "tp_rank")
+        self._tags = {"model_name": model_name, "stage": str(stage), "tp_rank": str(tp_rank)}
+        self.forward_seconds = Counter(PREFIX + "worker_forward_seconds", tag_keys=tags,
+                                       description="Model compute time, all-reduces included, waits for the previous stage excluded")
+        self.all_reduce_seconds = Counter(PREFIX + "worker_all_reduce_seconds", tag_keys=tags,
+                                          description="Time in tensor-parallel all-reduces")
+        self.weight_bytes = Gauge(PREFIX + "worker_weight_memory_bytes", description="Weights held by this rank", tag_keys=tags)
+        self.kv_bytes = Gauge(PREFIX + "worker_kv_cache_memory_bytes", description="KV cache held by this rank", tag_keys=tags)
+        self.peak_bytes = Gauge(PREFIX + "worker_peak_memory_bytes", description="Peak device memory (CUDA) or RSS (CPU)", tag_keys=tags)
+
+    def inc(self, counter: Counter, value: float) -> None:
+        if value > 0:
+            counter.inc(value, tags=self._tags)
+
+    def set(self, gauge: Gauge, value: float) -> None:
+        gauge.set(value, tags=self._tags)
