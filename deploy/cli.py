@@ -4,6 +4,7 @@ its arguments and one `run_<name>(args) -> exit code`; `main` only dispatches.
     tensorfleet plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu-memory 80GiB]
     tensorfleet verify CONFIG [--simulate NxG | --address ADDR]
     tensorfleet serve [CONFIG] [--simulate NxG | --address ADDR]
+    tensorfleet bench (--url URL | --offline CONFIG) [workload, rate, concurrency] [--out FILE]
 
 Exit codes: 0 success, 2 a config or layout the user must change (message on stderr).
 """
@@ -21,6 +22,7 @@ from actors.models.llama import UnsupportedModelError
 from actors.sharding import ShardingError
 from cluster.config import ConfigError, ModelShape, load_config, resolve_dtype
 from cluster.plan import ClusterSpec, PlanError, format_plan, make_plan
+from deploy.bench import add_bench
 
 EXIT_USER_ERROR = 2
 DEFAULT_GPU_MEMORY = "80GiB"  # an 80 GB A100 / H100
@@ -189,7 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # --- dispatch ---------------------------------------------------------------------------
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_plan, add_verify, add_serve)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_plan, add_verify, add_serve, add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
