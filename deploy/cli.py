@@ -5,6 +5,7 @@ its arguments and one `run_<name>(args) -> exit code`; `main` only dispatches.
     tensorfleet verify CONFIG [--simulate NxG | --address ADDR]
     tensorfleet serve [CONFIG] [--simulate NxG | --address ADDR]
     tensorfleet bench (--url URL | --offline CONFIG) [workload, rate, concurrency] [--out FILE]
+    tensorfleet dashboards push --grafana-url URL [--token T | --user U --password P] [--prometheus-url URL]
 
 Exit codes: 0 success, 2 a config or layout the user must change (message on stderr).
 """
@@ -23,6 +24,7 @@ from actors.sharding import ShardingError
 from cluster.config import ConfigError, ModelShape, load_config, resolve_dtype
 from cluster.plan import ClusterSpec, PlanError, format_plan, make_plan
 from deploy.bench import add_bench
+from deploy.grafana_push import add_dashboards
 
 EXIT_USER_ERROR = 2
 DEFAULT_GPU_MEMORY = "80GiB"  # an 80 GB A100 / H100
@@ -191,7 +193,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # --- dispatch ---------------------------------------------------------------------------
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_plan, add_verify, add_serve, add_bench)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_plan, add_verify, add_serve, add_bench, add_dashboards,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
