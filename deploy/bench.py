@@ -140,7 +140,7 @@ async def bench_engine(engine, work: Workload, *, request_rate: float = math.inf
 # --- the command ------------------------------------------------------------------------
 
 
-def _range(text: str) -> tuple[int, int]:
+def length_range(text: str) -> tuple[int, int]:
     """'32:512' -> (32, 512); '64' -> (64, 64)."""
     try:
         lo, _, hi = text.partition(":")
@@ -163,9 +163,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name to send (default: the server's)")
     p.add_argument("--api-key", help="bearer token for the server")
     p.add_argument("--num-requests", type=int, default=MIXED.num_requests)
-    p.add_argument("--prompt-len", type=_range, default=MIXED.prompt_len, metavar="MIN:MAX",
+    p.add_argument("--prompt-len", type=length_range, default=MIXED.prompt_len, metavar="MIN:MAX",
                    help="prompt tokens, uniform (default %(default)s)")
-    p.add_argument("--output-len", type=_range, default=MIXED.output_len, metavar="MIN:MAX",
+    p.add_argument("--output-len", type=length_range, default=MIXED.output_len, metavar="MIN:MAX",
                    help="output tokens, uniform, EOS ignored (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int,

@@ -1,0 +1,215 @@
+"""Benchmarks side by side: one model, one workload, one machine, one run.
+
+    python -m deploy.bench_compare --out bench_results/
+
+The ~125M-parameter benchmark Llama (`deploy.bench_workload`, random weights, fp32) on the
+mixed workload (64 requests, prompts 32-512 tokens, outputs 16-256, all arriving at once),
+through, in this order:
+
+    tf-tp1      tensorfleet tp=1: the engine in this process, no Ray
+    hf          Hugging Face `generate`, one process, static batches (the best batch size)
+    hf-tp2      Hugging Face `tp_plan="auto"` under `torchrun --nproc-per-node 2`, static batches
+    tf-tp2      tensorfleet tp=2 on a simulated 1-node x 2-GPU Ray cluster
+    tf-tp2pp2   tensorfleet tp=2 x pp=2 on a simulated 2-node x 2-GPU Ray cluster
+
+It prints a table of output tokens/s and latency percentiles with ratios against both HF
+baselines, and each tensorfleet rank's all-reduce share of its forward time; it writes
+results.json, table.md and chart.png (throughput and TTFT by system) under --out.
+About 12 minutes on a quiet 2-core CPU machine (see README.md).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from actors.step_io import StepInput
+from cluster.config import TensorfleetConfig
+from deploy.bench import length_range, bench_engine
+from deploy.bench_hf import check_tokens, local_params, run_static
+from deploy.bench_report import draw_chart, format_shares, format_table, machine, ratios
+from deploy.bench_stats import summarize
+from deploy.bench_workload import MIXED, Workload, WorkloadSpec, make_workload, save_bench_model
+
+SYSTEMS = {  # key: (label, tp, pp)
+    "tf-tp1": ("tensorfleet tp=1", 1, 1),
+    "hf": ("HF generate", 1, 1),
+    "hf-tp2": ("HF tp_plan=auto tp=2", 2, 1),
+    "tf-tp2": ("tensorfleet tp=2", 2, 1),
+    "tf-tp2pp2": ("tensorfleet tp=2 x pp=2", 2, 2),
+}
+
+
+def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int) -> TensorfleetConfig:
+    return TensorfleetConfig.model_validate({
+        "model": str(path), "dtype": "float32",
+        "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": device},
+        "engine": {"max_model_len": max_model_len, "max_num_seqs": 64, "max_num_batched_tokens": 2048,
+                   "block_size": 16, "num_kv_blocks": 4096, "executor": "compiled"},
+    })
+
+
+def control_overhead_ms(engine, steps: int = 200) -> float:
+    """Median round trip of an empty step through every worker (no forward)."""
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        engine.executor.execute(StepInput(10**9 + i, []))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[20:]) * 1e3
+
+
+def run_tensorfleet(path: Path, work: Workload, tp: int, pp: int, device: str) -> dict:
+    """tp=pp=1 in this process without Ray; otherwise on a fresh simulated cluster of pp
+    nodes x tp logical GPUs, shut down afterwards."""
+    from cluster.replica import build_engine
+
+    cluster = None
+    if tp * pp > 1:
+        from cluster.local_cluster import start_local_cluster
+
+        cluster = start_local_cluster(pp, tp)
+    try:
+        engine = build_engine(engine_config(path, tp, pp, device, work.max_total_len), log=lambda m: None)
+        try:
+            result = asyncio.run(bench_engine(engine, work))
+            result["control_overhead_ms"] = control_overhead_ms(engine)
+            return result
+        finally:
+            engine.executor.shutdown()
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def run_hf(path: Path, work: Workload, batch_sizes: list[int], device: str) -> dict:
+    """Every batch size; the best one's result, with the others' tokens/s beside it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    dev = torch.device(device)
+    by_size = {}
+    for bs in batch_sizes:
+        by_size[bs] = summarize(*run_static(model, work, bs, dev))
+        print(f"  HF generate static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s", flush=True)
+    best = max(by_size, key=lambda bs: by_size[bs]["output_tok_s"])
+    return {**by_size[best], "batch_size": best, "params": local_params(model),
+            "check_tokens": check_tokens(model, work, dev),
+            "tok_s_by_batch_size": {bs: r["output_tok_s"] for bs, r in by_size.items()}}
+
+
+def run_hf_tp(path: Path, work: Workload, batch_sizes: list[int], workdir: Path, ranks: int = 2) -> dict:
+    """`deploy.bench_hf` under torchrun, once per batch size; the best one's result."""
+    spec = workdir / "workload.json"
+    spec.write_text(json.dumps(work.spec.to_json()))
+    by_size = {}
+    for bs in batch_sizes:
+        out = workdir / f"hf_tp_{bs}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "deploy.bench_hf",
+               "--model", str(path), "--workload", str(spec), "--batch-size", str(bs), "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        by_size[bs] = json.loads(out.read_text())
+        print(f"  HF tp_plan=auto static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s", flush=True)
+    best = max(by_size, key=lambda bs: by_size[bs]["output_tok_s"])
+    return {**by_size[best], "tok_s_by_batch_size": {bs: r["output_tok_s"] for bs, r in by_size.items()}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_hf_tp(results: dict) -> list[str]:
+    """Problems with the HF tp_plan run: weights not split, or tokens unlike one process's."""
+    if "hf-tp2" not in results:
+        return []
+    tp, problems = results["hf-tp2"], []
+    if max(tp["params_per_rank"]) > 0.6 * tp["params_full"]:
+        problems.append(f"HF tp_plan=auto did not shard: {tp['params_per_rank']} of {tp['params_full']} params")
+    if "hf" in results and tp["check_tokens"] != results["hf"]["check_tokens"]:
+        problems.append("HF tp_plan=auto greedy tokens differ from the single-process model's")
+    return problems
+
+
+def run_all(work: Workload, systems: list[str], *, batch_sizes: list[int], device: str,
+            layers: int, log: Callable[[str], None] = print) -> dict:
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench-llama"
+        params = sum(p.numel() for p in save_bench_model(path, num_hidden_layers=layers).parameters())
+        log(f"model: Llama {params / 1e6:.0f}M params ({layers} layers), fp32, {device}; workload: "
+            f"{len(work.prompts)} requests, {work.output_tokens} output tokens, all at once")
+        for key in systems:
+            label, tp, pp = SYSTEMS[key]
+            log(f"{label} ...")
+            start = time.perf_counter()
+            if key == "hf":
+                results[key] = run_hf(path, work, batch_sizes, device)
+            elif key == "hf-tp2":
+                results[key] = run_hf_tp(path, work, batch_sizes, Path(tmp), tp)
+            else:
+                results[key] = run_tensorfleet(path, work, tp, pp, device)
+            results[key] |= {"label": label, "wall_s": time.perf_counter() - start}
+            log(f"  {results[key]['output_tok_s']:.1f} output tok/s, {results[key]['completed']}/"
+                f"{results[key]['requests']} requests, {results[key]['wall_s']:.0f} s with setup")
+    return {"machine": machine(), "model": {"params": params, "layers": layers, "dtype": "float32"},
+            "workload": work.spec.to_json(), "device": device, "systems": results,
+            "ratios": ratios(results), "problems": check_hf_tp(results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for JSON, table, PNG")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--num-requests", type=int, default=MIXED.num_requests)
+    p.add_argument("--prompt-len", type=length_range, default=MIXED.prompt_len, metavar="MIN:MAX")
+    p.add_argument("--output-len", type=length_range, default=MIXED.output_len, metavar="MIN:MAX")
+    p.add_argument("--seed", type=int, default=MIXED.seed)
+    p.add_argument("--hf-batch-sizes", default="32",
+                   help="static batch sizes to try for both HF baselines; the best is reported "
+                        "(default 32, the best of 16/32/64 on the mixed workload)")
+    p.add_argument("--layers", type=int, default=12, help="decoder layers of the benchmark Llama")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",")]
+    if unknown := [s for s in systems if s not in SYSTEMS]:
+        p.error(f"unknown systems {unknown}; choose from {','.join(SYSTEMS)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = make_workload(WorkloadSpec(args.num_requests, args.prompt_len, args.output_len, args.seed))
+    start = time.perf_counter()
+    report = run_all(work, systems, batch_sizes=[int(b) for b in args.hf_batch_sizes.split(",")],
+                     device=args.device, layers=args.layers)
+    report["wall_s"] = time.perf_counter() - start
+    table, shares, m = format_table(report["systems"]), format_shares(report["systems"]), report["machine"]
+    where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f", {m['gpu']}" if "gpu" in m else "")
+    print(f"\n{table}\n\n{shares}\n\nmachine: {where}")
+    print(f"total {report['wall_s']:.0f} s")
+    for problem in report["problems"]:
+        print(f"PROBLEM: {problem}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    (args.out / "table.md").write_text(f"{table}\n\n{shares}\n\nmachine: {where}\n")
+    draw_chart(report["systems"], f"{report['model']['params'] / 1e6:.0f}M Llama fp32, {len(work.prompts)} "
+               f"requests ({args.prompt_len[0]}-{args.prompt_len[1]} in, {args.output_len[0]}-"
+               f"{args.output_len[1]} out), {where}", args.out / "chart.png")
+    print(f"wrote {args.out}/results.json, table.md, chart.png")
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

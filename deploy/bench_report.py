@@ -1,0 +1,102 @@
+"""The side-by-side report: a markdown table of throughput and latency percentiles with
+ratios against each Hugging Face baseline, the per-rank all-reduce shares of the
+tensorfleet runs, the machine it ran on, and a PNG chart of throughput and TTFT by system.
+"""
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+# Baselines the ratios are taken against: (result key, column title).
+BASELINES = (("hf", "vs HF 1 proc"), ("hf-tp2", "vs HF tp=2"))
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "os": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _ms(d: dict, q: str) -> str:
+    return f"{d[q] * 1e3:.0f}" if d else "-"
+
+
+def format_table(systems: dict[str, dict]) -> str:
+    """Markdown: one row per system, in run order."""
+    bases = [(key, title) for key, title in BASELINES if key in systems]
+    head = ["system", "output tok/s", "req/s", "TTFT p50 / p90 / p99 (ms)", "ITL p50 / p99 (ms)",
+            "E2E p50 / p99 (ms)"] + [title for _, title in bases]
+    rows = [head, ["---"] * len(head)]
+    for r in systems.values():
+        row = [r["label"], f"{r['output_tok_s']:.1f}", f"{r['request_throughput']:.2f}",
+               " / ".join(_ms(r["ttft_s"], q) for q in ("p50", "p90", "p99")),
+               " / ".join(_ms(r["itl_s"], q) for q in ("p50", "p99")),
+               " / ".join(_ms(r["e2e_s"], q) for q in ("p50", "p99"))]
+        row += [f"{r['output_tok_s'] / systems[key]['output_tok_s']:.2f}x" for key, _ in bases]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def format_shares(systems: dict[str, dict]) -> str:
+    """Per tensorfleet run: all-reduce time as a share of each rank's forward time (stage s,
+    TP rank r), and the round trip of an empty step through all its workers."""
+    lines = []
+    for r in systems.values():
+        if "ranks" not in r:
+            continue
+        shares = ", ".join(f"s{x['stage']}r{x['tp_rank']} {100 * x['all_reduce_share']:.1f}%"
+                           for x in r["ranks"] if x["all_reduces"]) or "none (tp=1)"
+        lines.append(f"- {r['label']}: all-reduce share {shares}; "
+                     f"empty-step round trip {r['control_overhead_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def ratios(systems: dict[str, dict]) -> dict[str, float]:
+    """tensorfleet output tokens/s over each baseline's, for every pair present."""
+    out = {}
+    for key, r in systems.items():
+        if key.startswith("tf-"):
+            for base, _ in BASELINES:
+                if base in systems:
+                    out[f"{key}/{base}"] = r["output_tok_s"] / systems[base]["output_tok_s"]
+    return out
+
+
+def draw_chart(systems: dict[str, dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in systems.values()]
+    colors = ["tab:blue" if key.startswith("tf-") else "tab:gray" for key in systems]
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(12, 4.8))
+    bars = tput.bar(labels, [r["output_tok_s"] for r in systems.values()], color=colors)
+    tput.bar_label(bars, fmt="%.0f")
+    tput.set_ylabel("output tokens/s (higher is better)")
+    tput.set_title("Throughput")
+    x = range(len(labels))
+    for offset, q in ((-0.2, "p50"), (0.2, "p90")):
+        ttft.bar([i + offset for i in x], [r["ttft_s"].get(q, 0) for r in systems.values()], width=0.4,
+                 label=f"TTFT {q}", color=colors, alpha=1.0 if q == "p50" else 0.55)
+    ttft.set_xticks(list(x), labels)
+    ttft.set_ylabel("seconds (lower is better)")
+    ttft.set_title("Time to first token (p50 solid, p90 light)")
+    for ax in (tput, ttft):
+        ax.tick_params(axis="x", labelrotation=20)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
