@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from grafana_client import GrafanaApi
 
 from deploy.cli import main
 from deploy.dashboards import (
@@ -186,6 +187,9 @@ def test_push_creates_then_updates_in_place(grafana, capsys):
     assert list(grafana.datasources) == [DATASOURCE_UID] and list(grafana.folders) == [FOLDER_UID]
     assert grafana.datasources[DATASOURCE_UID]["url"] == "http://prometheus:9090"
     assert _versions(grafana) == {d["uid"]: 2 for d in DASHBOARDS}
+    api = GrafanaApi.from_url(grafana.url, credential=grafana.token)  # what a Grafana user would see
+    assert sorted(d["uid"] for d in api.search.search_dashboards(type_="dash-db")) == sorted(d["uid"] for d in DASHBOARDS)
+    assert [d["uid"] for d in api.datasource.list_datasources()] == [DATASOURCE_UID]
     saved = grafana.dashboards["tensorfleet"]
     assert saved["folderUid"] == FOLDER_UID and saved["dashboard"]["panels"] == DASHBOARDS[0]["panels"]
 
@@ -259,8 +263,6 @@ def test_missing_dashboards_directory(grafana, tmp_path, capsys):
 def test_push_to_a_real_grafana():
     """GRAFANA_URL, and GRAFANA_TOKEN or GRAFANA_USER / GRAFANA_PASSWORD (default admin/admin);
     PROMETHEUS_URL for the datasource (default http://127.0.0.1:9090)."""
-    from grafana_client import GrafanaApi
-
     url = os.environ["GRAFANA_URL"]
     token = os.environ.get("GRAFANA_TOKEN")
     user, password = (None, None) if token else (os.environ.get("GRAFANA_USER", "admin"),
