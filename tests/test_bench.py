@@ -1,0 +1,204 @@
+"""The benchmarks: `tensorfleet bench` against a real HTTP server (a fake engine behind the
+real API on uvicorn) and offline on a tiny model without Ray, the summary statistics
+against numpy, the Hugging Face static-batching baseline, `tp_plan="auto"` under torchrun
+against one process, and the side-by-side report."""
+
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from deploy.api import build_api
+from deploy.bench_hf import run_static
+from deploy.bench_stats import RequestRecord, percentile, summarize
+from deploy.bench_workload import WorkloadSpec, arrival_offsets, make_workload
+from deploy.cli import main
+from tests.fake_engine import FakeEngine
+
+MODEL = "fake-model"
+
+
+class CountingEngine(FakeEngine):
+    """Records how many requests it runs at once."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.active = self.max_active = 0
+
+    async def _run(self, request_id, prompt, params):
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            async for out in super()._run(request_id, prompt, params):
+                yield out
+        finally:
+            self.active -= 1
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, CountingEngine]]:
+    engine = CountingEngine(max_model_len=256, step_delay_s=0.002)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(build_api(engine, served_model_name=MODEL), log_level="warning",
+                                        timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def assert_ordered(summary: dict) -> None:
+    for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
+        d = summary[key]
+        assert 0 <= d["p50"] <= d["p90"] <= d["p99"], key
+    assert summary["ttft_s"]["p99"] <= summary["e2e_s"]["p99"]
+
+
+def test_online_bench_streams_every_request_and_counts_what_the_server_sent(server, tmp_path):
+    url, engine = server
+    out = tmp_path / "online.json"
+    spec = WorkloadSpec(12, (4, 16), (3, 20), seed=7, vocab_size=256)
+    code = main(["bench", "--url", url, "--num-requests", "12", "--prompt-len", "4:16", "--output-len", "3:20",
+                 "--seed", "7", "--max-concurrency", "4", "--out", str(out), "--no-progress"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    work = make_workload(spec)
+    assert result["workload"] == json.loads(json.dumps(spec.to_json()))
+    assert (result["requests"], result["completed"], result["failed"]) == (12, 12, 0)
+    # every request reached the engine as drawn: its token ids, its length, EOS ignored
+    sent = sorted((p, params.max_tokens) for _, p, params in engine.requests)
+    assert sent == sorted(zip(work.prompts, work.output_lens))
+    assert all(params.ignore_eos and params.greedy for _, _, params in engine.requests)
+    assert result["output_tokens"] == work.output_tokens
+    assert result["prompt_tokens"] == sum(map(len, work.prompts))
+    assert engine.max_active == 4
+    assert math.isclose(result["output_tok_s"], result["output_tokens"] / result["duration_s"])
+    assert_ordered(result)
+
+
+def test_online_bench_reports_failed_requests(server, tmp_path):
+    url, engine = server
+    engine.dead = True
+    out = tmp_path / "failed.json"
+    assert main(["bench", "--url", url, "--num-requests", "3", "--prompt-len", "4:8", "--output-len", "2:4",
+                 "--out", str(out), "--no-progress"]) == 1
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"]) == (0, 3)
+    assert "HTTP 503" in result["errors"][0]
+
+
+def test_offline_bench_tp1_runs_without_ray(tiny_llama_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    was_connected = ray.is_initialized()
+    path, _ = tiny_llama_dir
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({
+        "model": str(path), "dtype": "float32",
+        "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "device": "cpu"},
+        "engine": {"max_model_len": 128, "block_size": 8, "num_kv_blocks": 256, "max_num_seqs": 8},
+    }))
+    out = tmp_path / "offline.json"
+    assert main(["bench", "--offline", str(config), "--num-requests", "10", "--prompt-len", "5:40",
+                 "--output-len", "2:12", "--max-concurrency", "6", "--out", str(out), "--no-progress"]) == 0
+    assert ray.is_initialized() == was_connected  # tp=1 never starts Ray
+    result = json.loads(out.read_text())
+    work = make_workload(WorkloadSpec(10, (5, 40), (2, 12), vocab_size=1000))
+    assert result["workload"]["vocab_size"] == 1000  # the model's, from its config.json
+    assert (result["completed"], result["output_tokens"]) == (10, work.output_tokens)
+    [rank] = result["ranks"]
+    assert rank["steps"] > 0 and rank["forward_s"] > 0 and rank["all_reduces"] == 0
+    assert_ordered(result)
+
+
+def test_workload_is_seeded_and_in_range():
+    spec = WorkloadSpec(50, (3, 9), (1, 4), seed=3, vocab_size=100)
+    work = make_workload(spec)
+    assert work == make_workload(spec) and work != make_workload(WorkloadSpec(50, (3, 9), (1, 4), seed=4))
+    assert all(3 <= len(p) <= 9 and all(10 <= t < 100 for t in p) for p in work.prompts)
+    assert all(1 <= n <= 4 for n in work.output_lens)
+    with pytest.raises(ValueError, match="prompt_len"):
+        WorkloadSpec(prompt_len=(10, 5))
+
+
+def test_arrivals_all_at_once_or_poisson():
+    assert arrival_offsets(5, math.inf, 0) == [0.0] * 5
+    offsets = arrival_offsets(4000, 20.0, 0)
+    gaps = np.diff(offsets)
+    assert offsets == sorted(offsets) and offsets == arrival_offsets(4000, 20.0, 0)
+    assert abs(gaps.mean() - 1 / 20) < 0.005 and abs(gaps.std() - 1 / 20) < 0.005  # exponential: std = mean
+
+
+def test_percentiles_match_numpy():
+    values = torch.rand(101, generator=torch.Generator().manual_seed(0)).tolist()
+    for q in (0, 50, 90, 99, 100):
+        assert math.isclose(percentile(values, q), float(np.percentile(values, q)))
+
+
+def test_summary_of_records():
+    records = [RequestRecord(4, 3, start=0.0, chunk_times=[1.0, 1.5, 2.5], output_tokens=3),
+               RequestRecord(6, 1, start=1.0, chunk_times=[1.5], output_tokens=1),
+               RequestRecord(5, 2, start=0.0, error="HttpError: HTTP 400")]
+    s = summarize(records, duration_s=4.0)
+    assert (s["completed"], s["failed"], s["output_tokens"], s["prompt_tokens"]) == (2, 1, 4, 10)
+    assert s["output_tok_s"] == 1.0 and s["request_throughput"] == 0.5
+    assert s["ttft_s"]["mean"] == 0.75 and s["e2e_s"]["p50"] == 1.5
+    assert s["itl_s"]["p50"] == 0.75 and s["tpot_s"]["mean"] == 0.75  # 1.0-token request: no TPOT
+
+
+def test_hf_static_batching_times_each_request_to_its_own_last_token(tiny_llama_dir):
+    _, hf = tiny_llama_dir
+    work = make_workload(WorkloadSpec(6, (4, 12), (2, 9), seed=1, vocab_size=1000))
+    records, seconds = run_static(hf, work, batch_size=4, device=torch.device("cpu"))
+    assert [r.output_tokens for r in records] == work.output_lens
+    assert all(len(r.chunk_times) == n for r, n in zip(records, work.output_lens))
+    order = sorted(range(6), key=lambda i: len(work.prompts[i]))
+    first, second = records[order[0]], records[order[-1]]  # batches [0:4] and [4:6]
+    assert first.ttft < second.ttft  # the second batch waits for the whole first one
+    assert max(r.e2e for r in records) <= seconds
+
+
+@pytest.mark.slow
+def test_hf_tp_plan_auto_shards_and_matches_one_process(tiny_llama_dir, tmp_path):
+    from deploy.bench_compare import check_hf_tp, run_hf_tp
+    from deploy.bench_hf import check_tokens
+
+    path, hf = tiny_llama_dir
+    work = make_workload(WorkloadSpec(4, (4, 12), (2, 6), seed=2, vocab_size=1000))
+    tp = run_hf_tp(path, work, [4], tmp_path)
+    assert tp["completed"] == 4 and tp["output_tokens"] == work.output_tokens
+    assert tp["world_size"] == 2 and tp["params_full"] == sum(p.numel() for p in hf.parameters())
+    assert all(n < 0.6 * tp["params_full"] for n in tp["params_per_rank"])
+    assert tp["check_tokens"] == check_tokens(hf, work, torch.device("cpu"))
+    assert check_hf_tp({"hf-tp2": tp, "hf": {"check_tokens": tp["check_tokens"]}}) == []
+
+
+def test_side_by_side_report(tmp_path):
+    from deploy.bench_report import draw_chart, format_table, ratios
+
+    def run(label: str, tok_s: float) -> dict:
+        rec = RequestRecord(8, 4, start=0.0, chunk_times=[0.5, 0.6, 0.7, 0.8], output_tokens=4)
+        return {**summarize([rec], 4 / tok_s), "label": label}
+
+    systems = {"tf-tp1": run("tensorfleet tp=1", 150.0), "hf": run("HF generate", 100.0),
+               "hf-tp2": run("HF tp_plan=auto tp=2", 60.0), "tf-tp2": run("tensorfleet tp=2", 90.0)}
+    assert ratios(systems) == pytest.approx({"tf-tp1/hf": 1.5, "tf-tp1/hf-tp2": 2.5, "tf-tp2/hf": 0.9,
+                                             "tf-tp2/hf-tp2": 1.5})
+    table = format_table(systems).splitlines()
+    assert table[0].endswith("| vs HF 1 proc | vs HF tp=2 |") and len(table) == 2 + len(systems)
+    assert table[2].startswith("| tensorfleet tp=1 | 150.0 |") and table[2].endswith("| 1.50x | 2.50x |")
+    draw_chart(systems, "test", tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
