@@ -158,9 +158,9 @@ def _conflict_message(api: GrafanaApi, url: str, dashboard: dict, error: Grafana
             theirs = api.dashboard.get_dashboard(uid)["dashboard"].get("version")
         except GrafanaException:
             theirs = "?"
-        return (f"{head}: it was changed in Grafana (version {theirs} there, {dashboard.get('version')} in the "
-                f"file); push without --no-overwrite to replace it with the repository's copy, or save the "
-                f"changes into the JSON first")
+        return (f"{head}: Grafana holds version {theirs}, the file says {dashboard.get('version')} (saved since, "
+                f"in the UI or by an earlier push); push without --no-overwrite to replace it with the "
+                f"repository's copy, or copy the changes into the JSON first")
     if status == "name-exists":
         return (f"{head}: another dashboard titled {title!r} already exists in folder {FOLDER_TITLE!r} "
                 f"with a different uid; rename or delete that one, then push again")

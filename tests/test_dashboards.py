@@ -226,7 +226,7 @@ def test_malformed_grafana_url(url, capsys):
 def test_version_conflict_is_explained_and_overwrite_resolves_it(grafana):
     push(grafana.url, token=grafana.token, log=lambda m: None)
     grafana.dashboards["tensorfleet"]["dashboard"]["version"] = 7  # someone saved edits in the Grafana UI
-    with pytest.raises(GrafanaPushError, match=r"412 version-mismatch.*version 7 there, 1 in the file.*--no-overwrite"):
+    with pytest.raises(GrafanaPushError, match=r"412 version-mismatch.*Grafana holds version 7, the file says 1.*--no-overwrite"):
         push(grafana.url, token=grafana.token, overwrite=False, log=lambda m: None)
     assert grafana.dashboards["tensorfleet"]["dashboard"]["version"] == 7  # left alone
     (result,) = push(grafana.url, token=grafana.token, log=lambda m: None)  # the default: the repo wins
