@@ -201,8 +201,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print("all-reduce share of each rank's forward time:\n" + format_shares(summary["ranks"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"target": args.url or args.offline, "workload": spec.to_json(),
-                  "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf", "max_concurrency": args.max_concurrency, **summary}
+        rate = args.request_rate if math.isfinite(args.request_rate) else "inf"  # JSON has no Infinity
+        result = {"target": args.url or args.offline, "workload": spec.to_json(), "request_rate": rate,
+                  "max_concurrency": args.max_concurrency, **summary}
         args.out.write_text(json.dumps(result, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0 if summary["failed"] == 0 else 1

@@ -35,11 +35,17 @@ import torch
 
 from actors.step_io import StepInput
 from cluster.config import TensorfleetConfig
-from deploy.bench import length_range, bench_engine
+from deploy.bench import bench_engine, length_range
 from deploy.bench_hf import check_tokens, local_params, run_static
 from deploy.bench_report import draw_chart, format_shares, format_table, machine, ratios
 from deploy.bench_stats import summarize
-from deploy.bench_workload import MIXED, Workload, WorkloadSpec, make_workload, save_bench_model
+from deploy.bench_workload import (
+    MIXED,
+    Workload,
+    WorkloadSpec,
+    make_workload,
+    save_bench_model,
+)
 
 SYSTEMS = {  # key: (label, tp, pp)
     "tf-tp1": ("tensorfleet tp=1", 1, 1),
