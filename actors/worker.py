@@ -39,6 +39,7 @@ class WorkerSpec:
     block_size: int
     collective_timeout_s: float = 60.0
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    model_name: str = ""  # the served name, a label on the rank's metrics
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Ray at all (what a one-GPU user wants, and what runs on a machine without Ray).
 `cluster.ray_executor.RayExecutor` drives TP x PP worker actors.
 """
 
+import os
 from typing import Protocol
 
 from actors.step_io import StepInput, StepOutput
@@ -29,6 +30,10 @@ class Executor(Protocol):
 
     def rank_stats(self) -> list[RankStats]:
         """Every rank's running totals (forward and all-reduce time, memory), mesh order."""
+        ...
+
+    def worker_pids(self) -> list[int]:
+        """The process id of each worker, mesh order."""
         ...
 
     def shutdown(self) -> None: ...
@@ -65,6 +70,9 @@ class InProcessExecutor:
 
     def rank_stats(self) -> list[RankStats]:
         return [self.worker.rank_stats()]
+
+    def worker_pids(self) -> list[int]:
+        return [os.getpid()]
 
     def shutdown(self) -> None:
         self.worker = None

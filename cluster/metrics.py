@@ -37,11 +37,13 @@ so the all-reduce share of a rank is
     rate(ray_tensorfleet_worker_all_reduce_seconds_total[1m])
       / rate(ray_tensorfleet_worker_forward_seconds_total[1m])
 
-Outside a Ray process the metric objects record nothing, so the engine and worker code
-call them unconditionally.
+Outside a Ray process the metric objects record nothing, so the engine calls them
+unconditionally.
 """
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from actors.worker import RankStats
 
 PREFIX = "tensorfleet_"
 
@@ -80,15 +82,58 @@ class EngineMetrics:
         self.waiting = Gauge(PREFIX + "requests_waiting", description="Sequences waiting to be scheduled", tag_keys=tags)
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage_ratio", description="Used share of the KV blocks", tag_keys=tags)
 
-    def observe(self, histogram: Histogram, value: float) -> None:
+        # scheduler and prefix-cache totals already exported, to export only what is new
+        self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
+
+    def first_token(self, arrival: float, admitted_at: float, prompt_tokens: int, now: float) -> None:
+        self._observe(self.ttft, now - arrival)
+        self._observe(self.queue, admitted_at - arrival)
+        self._inc(self.prompt_tokens, prompt_tokens)
+
+    def next_token(self, since_previous: float) -> None:
+        self._observe(self.itl, since_previous)
+
+    def tokens_sampled(self, n: int) -> None:
+        self._inc(self.generation_tokens, n)
+
+    def request_finished(self, arrival: float, now: float, prompt_tokens: int, generated_tokens: int,
+                         finish_reasons: list[str]) -> None:
+        """One finished request; `finish_reasons` has one entry per completion (n of them)."""
+        self._observe(self.e2e, now - arrival)
+        self._observe(self.prompt_len, prompt_tokens)
+        self._observe(self.gen_len, generated_tokens)
+        for reason in finish_reasons:
+            self._inc(self.finished, 1, finish_reason=reason)
+
+    def completion_ended(self, reason: str) -> None:
+        """A completion that ended without finishing (abort, error)."""
+        self._inc(self.finished, 1, finish_reason=reason)
+
+    def rejected_request(self, reason: str) -> None:
+        self._inc(self.rejected, 1, reason=reason)
+
+    def replica_restarted(self) -> None:
+        self._inc(self.restarts, 1)
+
+    def scheduler_state(self, running: int, waiting: int, kv_usage: float,
+                        preemptions: int, cache_queries: int, cache_hits: int) -> None:
+        """Gauges now, and counters from the scheduler's and block manager's running totals."""
+        self.running.set(running, tags=self._tags)
+        self.waiting.set(waiting, tags=self._tags)
+        self.kv_usage.set(kv_usage, tags=self._tags)
+        for key, counter, total in (("preemptions", self.preemptions, preemptions),
+                                    ("queries", self.cache_queries, cache_queries),
+                                    ("hits", self.cache_hits, cache_hits)):
+            # a rebuilt engine restarts its totals at zero
+            self._inc(counter, total - self._seen[key] if total >= self._seen[key] else total)
+            self._seen[key] = total
+
+    def _observe(self, histogram: Histogram, value: float) -> None:
         histogram.observe(value, tags=self._tags)
 
-    def inc(self, counter: Counter, value: float = 1.0, **labels: str) -> None:
+    def _inc(self, counter: Counter, value: float, **labels: str) -> None:
         if value > 0:
             counter.inc(value, tags={**self._tags, **labels})
-
-    def set(self, gauge: Gauge, value: float) -> None:
-        gauge.set(value, tags=self._tags)
 
 
 class RankMetrics:
@@ -105,9 +150,15 @@ class RankMetrics:
         self.kv_bytes = Gauge(PREFIX + "worker_kv_cache_memory_bytes", description="KV cache held by this rank", tag_keys=tags)
         self.peak_bytes = Gauge(PREFIX + "worker_peak_memory_bytes", description="Peak device memory (CUDA) or RSS (CPU)", tag_keys=tags)
 
-    def inc(self, counter: Counter, value: float) -> None:
-        if value > 0:
-            counter.inc(value, tags=self._tags)
+        self._seen_forward = self._seen_all_reduce = 0.0
 
-    def set(self, gauge: Gauge, value: float) -> None:
-        gauge.set(value, tags=self._tags)
+    def record(self, stats: RankStats) -> None:
+        """Export a rank's running totals (cheap enough for every step)."""
+        for counter, total, seen in ((self.forward_seconds, stats.forward_s, self._seen_forward),
+                                     (self.all_reduce_seconds, stats.all_reduce_s, self._seen_all_reduce)):
+            if total > seen:
+                counter.inc(total - seen, tags=self._tags)
+        self._seen_forward, self._seen_all_reduce = stats.forward_s, stats.all_reduce_s
+        self.weight_bytes.set(stats.weight_bytes, tags=self._tags)
+        self.kv_bytes.set(stats.kv_cache_bytes, tags=self._tags)
+        self.peak_bytes.set(stats.peak_memory_bytes, tags=self._tags)

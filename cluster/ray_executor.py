@@ -26,7 +26,11 @@ from actors.step_io import StepInput, StepOutput
 from actors.worker import RankStats, Worker, WorkerSpec
 from cluster.engine_client import EngineDeadError
 from cluster.executor import kv_blocks_that_fit
+from cluster.metrics import RankMetrics
 from cluster.placement import place_workers, rendezvous_address
+
+
+METRICS_EXPORT_INTERVAL_S = 1.0
 
 
 def interface_of(ip: str) -> str | None:
@@ -39,16 +43,32 @@ def interface_of(ip: str) -> str | None:
 
 
 class RayWorker(Worker):
-    """The Ray actor: a plain Worker whose collectives use its Ray node's interface."""
+    """The Ray actor: a plain Worker whose collectives use its Ray node's interface and
+    whose per-rank totals are exported as metrics (at most once a second)."""
 
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
         if (iface := interface_of(ray.util.get_node_ip_address())) is not None:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
         super().__init__(spec, stage, tp_rank)
+        self.metrics = RankMetrics(spec.model_name, stage, tp_rank)
+        self._last_export = 0.0
 
-    def ping(self) -> bool:
-        return True
+    def allocate_kv(self, num_blocks: int) -> int:
+        allocated = super().allocate_kv(num_blocks)
+        self.metrics.record(self.rank_stats())
+        return allocated
+
+    def step(self, step: StepInput) -> StepOutput | None:
+        out = super().step(step)
+        if (now := time.monotonic()) - self._last_export >= METRICS_EXPORT_INTERVAL_S:
+            self._last_export = now
+            self.metrics.record(self.rank_stats())
+        return out
+
+    def ping(self) -> int:
+        """Liveness probe; answers with this worker's process id."""
+        return os.getpid()
 
 
 class RayExecutor:
@@ -108,7 +128,7 @@ class RayExecutor:
             else:
                 ref = ray.put(step)
                 results = ray.get([w.step.remote(ref) for w in self.workers], timeout=self.step_deadline_s)
-        except ray.exceptions.GetTimeoutError:
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError):
             raise EngineDeadError(f"step {step.step_id} missed its {self.step_deadline_s}s deadline: a worker is stuck") from None
         except ray.exceptions.RayError as e:
             raise EngineDeadError(f"a worker failed during step {step.step_id}: {e}") from None
@@ -125,15 +145,21 @@ class RayExecutor:
     def rank_stats(self) -> list[RankStats]:
         return self._all(lambda w: w.rank_stats.remote(), "reporting rank stats")
 
+    def worker_pids(self) -> list[int]:
+        return self._all(lambda w: w.ping.remote(), "reporting process ids")
+
     def prompt_logits(self, prompts: list[list[int]]):
         results = self._all(lambda w: w.prompt_logits.remote(prompts), "scoring prompts")
         return results[(self.spec.pp - 1) * self.spec.tp]
 
     def shutdown(self) -> None:
+        """Kill the workers, release their placement groups, then tear the compiled graph
+        down. Killing first: teardown waits for every actor's loop, and a stuck
+        (e.g. SIGSTOPped) worker would never answer it."""
+        self.group.shutdown()
         if getattr(self, "compiled", None) is not None:
             self.compiled.teardown()
             self.compiled = None
-        self.group.shutdown()
 
 
 def _cluster_has_gpus() -> bool:

@@ -45,6 +45,7 @@ def worker_spec(cfg: TensorfleetConfig) -> WorkerSpec:
     world = par.tensor_parallel_size * par.pipeline_parallel_size
     return WorkerSpec(
         model_dir=str(Path(cfg.model).resolve()),
+        model_name=cfg.served_model_name,
         tp=par.tensor_parallel_size,
         pp=par.pipeline_parallel_size,
         layer_partition=par.layer_partition,
@@ -111,7 +112,8 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     executor = build_executor(cfg, spec, log)
     eng = cfg.engine
     limits = EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
-                          eng.enable_prefix_caching)
+                          eng.enable_prefix_caching, cfg.serve.max_waiting_requests)
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {eng.block_size} tokens")
     return Engine(executor, limits, model_name=cfg.served_model_name, tokenizer=tokenizer,
-                  eos_token_ids=eos_token_ids(model_dir, tokenizer))
+                  eos_token_ids=eos_token_ids(model_dir, tokenizer),
+                  rebuild=lambda: build_executor(cfg, spec, log))

@@ -29,6 +29,7 @@ class Sequence:
     blocks_sent: int = 0  # how many of blocks.block_ids the workers already know
     needs_params: bool = True  # workers have not seen this sequence's params since (re)admission
     admitted_at: float | None = None  # first scheduled (queue time ends)
+    last_token_at: float | None = None  # for the inter-token latency
 
     @property
     def tokens(self) -> list[int]:

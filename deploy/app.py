@@ -8,6 +8,7 @@ pickled. `build_app` is what `serve run` / `serve deploy` import:
     serve run deploy.app:build_app config=deploy/configs/default.yaml
 """
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import TensorfleetConfig, load_config
+from cluster.engine_client import EngineDeadError
 from cluster.replica import build_engine
 from deploy.api import build_api
 
@@ -43,20 +45,30 @@ class TensorfleetServer:
         )
 
     async def check_health(self) -> None:
-        """Serve's replica health check: a dead worker marks the replica unhealthy, and
-        Serve replaces it (building a fresh engine and workers)."""
-        await self.engine.check_health()
+        """Serve's replica health check. A dead or stuck worker is the engine's to heal
+        (it fails in-flight requests and rebuilds its workers, while `/health` answers
+        503); only when that keeps failing is the replica unhealthy, and Serve replaces it."""
+        if self.engine.gave_up:
+            raise RuntimeError(f"the engine could not rebuild its workers: {self.engine.dead}")
+        if self.engine.dead is None:
+            try:
+                await self.engine.check_health()
+            except EngineDeadError:
+                pass  # the engine is now rebuilding; /health says so
 
-    async def engine_stats(self) -> dict[str, int]:
-        """Scheduler and KV-cache occupancy, for operators (through a Serve handle) and tests."""
+    async def engine_stats(self) -> dict[str, Any]:
+        """Scheduler and KV-cache occupancy, worker rebuilds and worker process ids, for
+        operators (through a Serve handle) and tests."""
         e = self.engine
         return {"kv_blocks": e.blocks.num_blocks, "kv_blocks_free": e.blocks.num_free,
-                "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting)}
+                "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+                "restarts": e.restarts, "healthy": e.dead is None,
+                "worker_pids": [] if e.dead else await asyncio.to_thread(e.executor.worker_pids)}
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.executor.shutdown()
+            engine.shutdown()
 
 
 def deployment_for(config: TensorfleetConfig) -> Application:

@@ -56,7 +56,7 @@ def test_defaults_and_relative_model_path(tmp_path):
     assert (e.max_model_len, e.max_num_seqs, e.max_num_batched_tokens, e.block_size) == (
         2048, 64, 4096, 16)
     assert e.num_kv_blocks is None and e.gpu_memory_utilization == 0.9
-    assert e.enable_prefix_caching and e.step_deadline_s == 30 and e.executor == "compiled"
+    assert e.enable_prefix_caching and e.step_deadline_s == 30 and e.executor == "plain"
     s = cfg.serve
     assert (s.host, s.port, s.api_key, s.max_waiting_requests, s.max_body_bytes) == (
         "127.0.0.1", 8000, None, 256, 1048576)
