@@ -18,12 +18,15 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 from tqdm import tqdm
 
 from deploy.bench_stats import RequestRecord, all_reduce_shares, format_shares, format_summary, summarize
 from deploy.bench_workload import MIXED, Workload, WorkloadSpec, arrival_offsets, make_workload
+
+if TYPE_CHECKING:  # the CLI imports this module: httpx (the `bench` extra) only when benchmarking a URL
+    import httpx
 
 # Fits any byte-level vocabulary; pass the model's size for realistic prompts.
 DEFAULT_ONLINE_VOCAB = 256
@@ -62,7 +65,7 @@ class HttpError(RuntimeError):
     pass
 
 
-def http_sender(client: httpx.AsyncClient, url: str, model: str | None, api_key: str | None) -> Sender:
+def http_sender(client: "httpx.AsyncClient", url: str, model: str | None, api_key: str | None) -> Sender:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def send(prompt: list[int], max_tokens: int, record: RequestRecord) -> None:
@@ -112,6 +115,8 @@ def engine_sender(engine) -> Sender:
 async def bench_online(url: str, work: Workload, *, model: str | None = None, api_key: str | None = None,
                        request_rate: float = math.inf, max_concurrency: int | None = None,
                        progress: bool = True) -> dict:
+    import httpx
+
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits) as client:
         send = http_sender(client, url.rstrip("/"), model, api_key)
