@@ -166,7 +166,7 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":

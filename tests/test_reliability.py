@@ -132,7 +132,7 @@ async def test_full_queue_answers_429_with_retry_after(server):
     assert all(r.headers["Retry-After"] == "1" for r in refused)
     assert all(r.json()["error"]["code"] == "engine_overloaded" for r in refused)
     assert all(r.json()["usage"]["completion_tokens"] == 48 for r in replies if r.status_code == 200)
-    assert await engine_stats()["waiting"] == 0
+    assert (await engine_stats())["waiting"] == 0
 
 
 async def test_100_streaming_clients_for_60_s_lose_nothing(server):
