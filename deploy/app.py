@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve import Application
 
 from cluster.config import TensorfleetConfig, load_config
@@ -62,8 +63,15 @@ class TensorfleetServer:
         e = self.engine
         return {"kv_blocks": e.blocks.num_blocks, "kv_blocks_free": e.blocks.num_free,
                 "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                "restarts": e.restarts, "healthy": e.dead is None,
-                "worker_pids": [] if e.dead else await asyncio.to_thread(e.executor.worker_pids)}
+                "restarts": e.restarts, "healthy": e.dead is None, "worker_pids": await self._worker_pids()}
+
+    async def _worker_pids(self) -> list[int]:
+        if self.engine.dead is not None:
+            return []
+        try:
+            return await asyncio.to_thread(self.engine.executor.worker_pids)
+        except (RayError, EngineDeadError):  # a worker just died; the health check will notice
+            return []
 
     def __del__(self):
         engine = getattr(self, "engine", None)
