@@ -9,7 +9,7 @@ engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, bl
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
          step_deadline_s: 30, executor: plain}
 serve: {host: 127.0.0.1, port: 8000, api_key: null, max_waiting_requests: 256,
-        max_body_bytes: 1048576}
+        max_body_bytes: 1048576, graceful_shutdown_s: 30}
 ```
 
 `ModelShape` is what the planner and the layers read from the model's config.json.
@@ -102,6 +102,8 @@ class ServeConfig(_Section):
     api_key: str | None = None
     max_waiting_requests: int = Field(256, gt=0)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    # On SIGTERM / Ctrl-C: stop taking requests, let running ones finish for up to this long
+    graceful_shutdown_s: float = Field(30.0, ge=0)
 
     def effective_api_key(self) -> str | None:
         """`api_key` from the YAML, else env TENSORFLEET_API_KEY, else None (no auth)."""

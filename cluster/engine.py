@@ -91,6 +91,7 @@ class Engine:
         self.dead: EngineDeadError | None = None  # set while down: failed, healing, or given up
         self.gave_up = False  # every rebuild attempt failed: only replacing the replica helps
         self.restarts = 0
+        self.draining = False  # shutting down: finish what runs, take nothing new
         self._use(executor)
 
     def _use(self, executor: Executor) -> None:
@@ -104,6 +105,8 @@ class Engine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
         if self.dead is not None:
             raise EngineDeadError(f"engine is down: {self.dead}")
+        if self.draining:
+            raise EngineDeadError("the server is shutting down and takes no new requests")
         if request_id in self.requests:
             raise ParamError("request_id", f"{request_id!r} is already running")
         params.validate(self.max_model_len, len(prompt_ids))
@@ -255,6 +258,8 @@ class Engine:
         starts the recovery."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is down: {self.dead}")
+        if self.draining:
+            raise EngineDeadError("the server is shutting down")
         try:
             await asyncio.to_thread(self.executor.check_health)
         except EngineDeadError as e:

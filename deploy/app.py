@@ -49,13 +49,18 @@ class TensorfleetServer:
         """Serve's replica health check. A dead or stuck worker is the engine's to heal
         (it fails in-flight requests and rebuilds its workers, while `/health` answers
         503); only when that keeps failing is the replica unhealthy, and Serve replaces it."""
-        if self.engine.gave_up:
+        if self.engine.gave_up and not self.engine.draining:
             raise RuntimeError(f"the engine could not rebuild its workers: {self.engine.dead}")
         if self.engine.dead is None:
             try:
                 await self.engine.check_health()
             except EngineDeadError:
                 pass  # the engine is now rebuilding; /health says so
+
+    async def drain(self) -> None:
+        """Graceful shutdown, step one: refuse new requests (503, and /health 503 so load
+        balancers look elsewhere) while running ones finish."""
+        self.engine.draining = True
 
     async def engine_stats(self) -> dict[str, Any]:
         """Scheduler and KV-cache occupancy, worker rebuilds and worker process ids, for
@@ -80,7 +85,13 @@ class TensorfleetServer:
 
 
 def deployment_for(config: TensorfleetConfig) -> Application:
-    return TensorfleetServer.options(name="tensorfleet").bind(config.model_dump())
+    return TensorfleetServer.options(
+        name="tensorfleet",
+        # draining: Serve routes nothing new to a stopping replica and waits this long for
+        # its running requests before it is torn down (and its workers with it)
+        graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
+        graceful_shutdown_wait_loop_s=0.5,
+    ).bind(config.model_dump())
 
 
 def build_app(args: dict[str, str]) -> Application:

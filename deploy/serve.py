@@ -15,6 +15,8 @@ from ray import serve
 from cluster.config import TensorfleetConfig, load_config
 from deploy.app import deployment_for
 
+# The engine finishes a request a moment before the proxy has sent its last bytes.
+DRAIN_FLUSH_S = 1.0
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 
@@ -48,13 +50,36 @@ def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None
     print(f"\nready in {time.perf_counter() - start:.1f}s: {url}  (OpenAI API under {url}/v1)", flush=True)
     print("try:\n  " + curl_line(url, config.served_model_name, config.serve.effective_api_key()), flush=True)
     print("Ctrl-C to stop.", flush=True)
+    signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: (signals.release(), stop.set()))
     try:
         stop.wait()
+        drain(config.serve.graceful_shutdown_s, force=signals)
     finally:
-        print("\nshutting down...", flush=True)
+        print("stopping the workers...", flush=True)
         serve.shutdown()
+
+
+def drain(grace_s: float, force: threading.Semaphore) -> None:
+    """Refuse new requests and wait (up to `grace_s`, or a second Ctrl-C) for running
+    ones to finish. Serve's own shutdown would cut open streams at the proxy."""
+    force.acquire(blocking=False)  # the signal that started the drain
+    app = serve.get_app_handle("tensorfleet")
+    app.drain.remote().result()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        stats = app.engine_stats.remote().result()
+        in_flight = stats["running"] + stats["waiting"]
+        if in_flight == 0:
+            time.sleep(DRAIN_FLUSH_S)
+            print("\nno requests left running", flush=True)
+            return
+        print(f"\ndraining: {in_flight} requests running, new ones refused; waiting up to "
+              f"{deadline - time.monotonic():.0f}s (Ctrl-C again to stop now)", flush=True)
+        if force.acquire(timeout=min(2.0, max(0.0, deadline - time.monotonic()))):
+            return
+    print(f"\ngrace period of {grace_s:.0f}s over", flush=True)
 
 
 def run_serve(args: argparse.Namespace) -> int:
