@@ -27,21 +27,21 @@ def machine() -> dict:
     return info
 
 
-def _ms(d: dict, q: str) -> str:
-    return f"{d[q] * 1e3:.0f}" if d else "-"
+def _fmt(d: dict, q: str, scale: float) -> str:
+    return f"{d[q] * scale:.{1 if scale == 1 else 0}f}" if d else "-"
 
 
 def format_table(systems: dict[str, dict]) -> str:
     """Markdown: one row per system, in run order."""
     bases = [(key, title) for key, title in BASELINES if key in systems]
-    head = ["system", "output tok/s", "req/s", "TTFT p50 / p90 / p99 (ms)", "ITL p50 / p99 (ms)",
-            "E2E p50 / p99 (ms)"] + [title for _, title in bases]
+    head = ["system", "output tok/s", "req/s", "TTFT p50 / p90 / p99 (s)", "ITL p50 / p99 (ms)",
+            "E2E p50 / p99 (s)"] + [title for _, title in bases]
     rows = [head, ["---"] * len(head)]
     for r in systems.values():
         row = [r["label"], f"{r['output_tok_s']:.1f}", f"{r['request_throughput']:.2f}",
-               " / ".join(_ms(r["ttft_s"], q) for q in ("p50", "p90", "p99")),
-               " / ".join(_ms(r["itl_s"], q) for q in ("p50", "p99")),
-               " / ".join(_ms(r["e2e_s"], q) for q in ("p50", "p99"))]
+               " / ".join(_fmt(r["ttft_s"], q, 1) for q in ("p50", "p90", "p99")),
+               " / ".join(_fmt(r["itl_s"], q, 1e3) for q in ("p50", "p99")),
+               " / ".join(_fmt(r["e2e_s"], q, 1) for q in ("p50", "p99"))]
         row += [f"{r['output_tok_s'] / systems[key]['output_tok_s']:.2f}x" for key, _ in bases]
         rows.append(row)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
