@@ -82,10 +82,23 @@ def test_ray_is_called_by_absolute_path(name):
             assert m.group(1) == VENV_BIN, f"{name}: {cmd!r} calls ray without {VENV_BIN}"
 
 
-def test_on_premises_yaml_never_stops_ray():
-    """The on-premises machines are the user's: other Ray processes there are not ours."""
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_no_yaml_runs_ray_stop(name):
+    """`ray stop` ends every Ray process on a machine, not only ours."""
+    assert not any(re.search(r"\bray stop\b", cmd) for cmd in commands(load(name)))
+
+
+def test_cloud_restarts_end_only_their_own_ray():
+    for name in ("aws.yaml", "gcp.yaml"):
+        config = load(name)
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            stop, start = config[key]
+            assert "pkill" in stop and "/tmp/tensorfleet-ra[y]/" in stop  # [y]: not the shell running pkill
+            assert "--temp-dir=/tmp/tensorfleet-ray" in start
+
+
+def test_on_premises_yaml_starts_ray_explicitly():
     config = load("local.yaml")
-    assert not any("ray stop" in cmd for cmd in commands(config))
     start = " ".join(commands(config, "head_start_ray_commands", "worker_start_ray_commands"))
     # Addresses and temp dirs are explicit on every node (see the YAML's comments).
     assert start.count("--node-ip-address=$NODE_IP") == 2
