@@ -3,19 +3,17 @@ uvicorn server on 127.0.0.1 with the official openai client and httpx."""
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from deploy.api import build_api
 from tests.fake_engine import FakeEngine, metaspace_tokenizer
+from tests.servers import uvicorn_server
 
 MODEL = "fake-model"
 API_KEY = "sk-test-key"
@@ -267,20 +265,8 @@ def test_engine_dies(client: TestClient, engine: FakeEngine):
 def server() -> Iterator[tuple[str, FakeEngine]]:
     engine = FakeEngine(reply=REPLY)
     app = build_api(engine, served_model_name=MODEL, api_key=API_KEY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held from the start: no race with other tests
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
-    assert not thread.is_alive(), "uvicorn did not shut down"
+    with uvicorn_server(app) as url:
+        yield url, engine
 
 
 @pytest.fixture

@@ -5,15 +5,11 @@ against one process, and the side-by-side report."""
 
 import json
 import math
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from deploy.api import build_api
 from deploy.bench_hf import run_static
@@ -21,6 +17,7 @@ from deploy.bench_stats import RequestRecord, percentile, summarize
 from deploy.bench_workload import WorkloadSpec, arrival_offsets, make_workload
 from deploy.cli import main
 from tests.fake_engine import FakeEngine
+from tests.servers import uvicorn_server
 
 MODEL = "fake-model"
 
@@ -45,20 +42,8 @@ class CountingEngine(FakeEngine):
 @pytest.fixture
 def server() -> Iterator[tuple[str, CountingEngine]]:
     engine = CountingEngine(max_model_len=256, step_delay_s=0.002)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(build_api(engine, served_model_name=MODEL), log_level="warning",
-                                        timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with uvicorn_server(build_api(engine, served_model_name=MODEL)) as url:
+        yield url, engine
 
 
 def assert_ordered(summary: dict) -> None:

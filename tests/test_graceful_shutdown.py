@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.test_serve import free_port
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"

@@ -9,21 +9,17 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import ray
 from ray import serve
 
-from cluster.config import TensorfleetConfig
-from deploy.app import deployment_for
 from deploy.dashboards import dashboard_files, dashboard_queries, render_query
 from tests.test_dashboards import CATALOGUE
-from tests.test_serve import free_port
+from tests.servers import free_port, serve_app
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,19 +31,15 @@ MODEL = "tiny-py"
 
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    port = free_port()
-    config = TensorfleetConfig.model_validate({
+    with serve_app({
         "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
         # few KV blocks and a short queue, so preemptions and 429s happen
         "engine": {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8,
                    "step_deadline_s": 5},
-        "serve": {"host": "127.0.0.1", "port": port, "max_waiting_requests": 8},
-    })
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+        "serve": {"max_waiting_requests": 8},
+    }) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +50,7 @@ def prometheus(ray_cluster_2x2, tmp_path_factory):
     (work / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs:\n  - job_name: ray\n    static_configs:\n      - targets: {targets}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         ["prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],

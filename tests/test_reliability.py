@@ -14,9 +14,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.config import TensorfleetConfig
-from deploy.app import deployment_for
-from tests.test_serve import free_port, hf_greedy_text, reference  # noqa: F401 - fixture
+from tests.servers import serve_app
+from tests.test_serve import hf_greedy_text, reference  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-py"
@@ -26,18 +25,14 @@ STEP_DEADLINE_S = 3.0
 
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    port = free_port()
-    config = TensorfleetConfig.model_validate({
+    with serve_app({
         "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
         "engine": {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 8,
                    "step_deadline_s": STEP_DEADLINE_S},
-        "serve": {"host": "127.0.0.1", "port": port, "max_waiting_requests": MAX_WAITING},
-    })
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+        "serve": {"max_waiting_requests": MAX_WAITING},
+    }) as url:
+        yield url
 
 
 async def engine_stats() -> dict:

@@ -2,7 +2,6 @@
 tp=2 x pp=2 workers on a simulated 2-node cluster behind the OpenAI-compatible routes."""
 
 import asyncio
-import socket
 
 import httpx
 import openai
@@ -11,32 +10,20 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.config import TensorfleetConfig
-from deploy.app import deployment_for
+from tests.servers import serve_app
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    port = free_port()
-    config = TensorfleetConfig.model_validate({
+    with serve_app({
         "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
         "engine": {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 32},
-        "serve": {"host": "127.0.0.1", "port": port},
-    })
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    }) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

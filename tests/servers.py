@@ -1,0 +1,58 @@
+"""Servers the tests talk to over real HTTP on 127.0.0.1: an ASGI app under uvicorn in a
+thread, and the tensorfleet app on Ray Serve (one application at a time per cluster)."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from ray import serve
+
+from cluster.config import TensorfleetConfig
+from deploy.app import deployment_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def uvicorn_server(app: Any) -> Iterator[str]:
+    """Serve `app` on a port bound before the server starts (no race with other tests);
+    yield its base URL, then shut it down."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+@contextmanager
+def serve_app(config: dict[str, Any]) -> Iterator[str]:
+    """Deploy the tensorfleet app of `config` (a YAML-shaped dict; its `serve` host and
+    port are set here) on the connected Ray cluster; yield its base URL."""
+    port = free_port()
+    cfg = TensorfleetConfig.model_validate(
+        {**config, "serve": {**config.get("serve", {}), "host": "127.0.0.1", "port": port}})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment_for(cfg), name="tensorfleet", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
