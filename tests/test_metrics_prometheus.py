@@ -142,10 +142,15 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
     missing = await asyncio.to_thread(wait_for_series, prometheus, exported, 60)
     assert not missing, f"no series in Prometheus for {missing}"
     # the rebuilt workers export every few seconds; the killed ones' series go stale
-    ranks = await asyncio.to_thread(eventually, lambda: {
-        (s["metric"]["stage"], s["metric"]["tp_rank"])
-        for s in query(prometheus, "ray_tensorfleet_worker_weight_memory_bytes")} or None)
-    assert ranks == {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+    all_ranks = {("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")}
+
+    def ranks_reporting():
+        ranks = {(s["metric"]["stage"], s["metric"]["tp_rank"])
+                 for s in query(prometheus, "ray_tensorfleet_worker_weight_memory_bytes")}
+        return ranks if ranks == all_ranks else None
+
+    ranks = await asyncio.to_thread(eventually, ranks_reporting, 60)
+    assert ranks == all_ranks
     finish_reasons = {s["metric"]["finish_reason"] for s in query(prometheus, "ray_tensorfleet_requests_finished_total")}
     assert {"stop", "length", "abort", "error"} <= finish_reasons, finish_reasons
 
