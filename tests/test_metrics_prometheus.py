@@ -87,8 +87,9 @@ async def workload(url: str) -> dict[str, int]:
             *(one(http, {"prompt": "import os\n" * 4 + f"def f{i}():\n", "max_tokens": 64, "stream": True,
                          "ignore_eos": True}) for i in range(8)),
             one(http, {"prompt": "class A:\n", "max_tokens": 16, "n": 2, "temperature": 0.8, "seed": 1}),
-            one(http, {"prompt": "def g():\n", "max_tokens": 200, "stream": True, "ignore_eos": True}, hang_up=True),
         )
+        await one(http, {"prompt": "def g():\n", "max_tokens": 200, "stream": True, "ignore_eos": True},
+                  hang_up=True)  # finish_reason abort
         await asyncio.gather(*(one(http, {"prompt": "y = 2\n", "max_tokens": 32, "ignore_eos": True})
                                for _ in range(30)))  # more than fit: 429s
     return codes
@@ -151,8 +152,13 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
 
     ranks = await asyncio.to_thread(eventually, ranks_reporting, 60)
     assert ranks == all_ranks
-    finish_reasons = {s["metric"]["finish_reason"] for s in query(prometheus, "ray_tensorfleet_requests_finished_total")}
-    assert {"stop", "length", "abort", "error"} <= finish_reasons, finish_reasons
+    def finish_reasons():  # an abort is counted once the server notices the hang-up
+        reasons = {s["metric"]["finish_reason"] for s in query(prometheus, "ray_tensorfleet_requests_finished_total")}
+        return reasons if {"stop", "length", "abort", "error"} <= reasons else None
+
+    reasons = await asyncio.to_thread(eventually, finish_reasons, 60)
+    assert reasons is not None, {s["metric"]["finish_reason"]: s["value"][1]
+                                 for s in query(prometheus, "ray_tensorfleet_requests_finished_total")}
 
     variables = {"model_name": MODEL, "__rate_interval": "2m", "__range": "10m"}
     panels = [(title, render_query(expr, variables)) for path in dashboard_files()
