@@ -126,20 +126,20 @@ class PagedAttention(torch.nn.Module):
         cache[0].index_copy_(0, meta.slot_mapping, k)
         cache[1].index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        for p in meta.prefills:
-            qs = q[p.token_start : p.token_end].transpose(0, 1)  # [H, q, d]
+        for p in meta.prefills:  # 4-D [1, H, q, d]: SDPA takes its fused CPU kernel only for 4-D inputs
+            qs = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
             if p.slots is None:  # the whole context is this step's tokens
-                ks = k[p.token_start : p.token_end].transpose(0, 1)
-                vs = v[p.token_start : p.token_end].transpose(0, 1)
+                ks = k[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
+                vs = v[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = cache[0].index_select(0, p.slots).transpose(0, 1)
-                vs = cache[1].index_select(0, p.slots).transpose(0, 1)
-                n_q, n_ctx = qs.shape[1], ks.shape[1]
+                ks = cache[0].index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
+                vs = cache[1].index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
+                n_q, n_ctx = qs.shape[2], ks.shape[2]
                 # query j sits at position n_ctx - n_q + j and sees keys up to there
                 mask = torch.ones(n_q, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_q)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            out[p.token_start : p.token_end] = o.transpose(0, 1)
+            out[p.token_start : p.token_end] = o[0].transpose(0, 1)
         kv, d = self.num_kv_heads, self.head_dim
         for g in meta.decodes:
             b = g.rows.numel()
