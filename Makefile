@@ -32,9 +32,9 @@ test: setup system-packages
 test-quick: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
-# The side-by-side benchmark (~12 min on a quiet 2-core CPU): table, JSON and chart in bench_results/
+# The side-by-side benchmark, 3 interleaved rounds (~28 min on a quiet 2-core CPU): table, JSON and chart in bench_results/
 bench: setup
-	$(BIN)/python -m deploy.bench_compare --out bench_results
+	$(BIN)/python -m deploy.bench_compare --repeats 3 --out bench_results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

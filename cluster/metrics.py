@@ -38,12 +38,33 @@ so the all-reduce share of a rank is
       / rate(ray_tensorfleet_worker_forward_seconds_total[1m])
 
 Outside a Ray process the metric objects record nothing, so the engine calls them
-unconditionally.
+unconditionally; where Ray is not installed at all (the engine in one process on a
+one-GPU machine) `_Unexported` stands in for them.
 """
 
-from ray.util.metrics import Counter, Gauge, Histogram
-
 from actors.worker import RankStats
+
+
+class _Unexported:
+    """Ray's Counter, Gauge and Histogram where Ray is not installed: records nothing."""
+
+    def __init__(self, name: str, **options):
+        self.name = name
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
+
+
+try:
+    from ray.util.metrics import Counter, Gauge, Histogram
+except ImportError:
+    Counter = Gauge = Histogram = _Unexported
 
 PREFIX = "tensorfleet_"
 

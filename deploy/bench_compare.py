@@ -15,7 +15,8 @@ through, in this order:
 It prints a table of output tokens/s and latency percentiles with ratios against both HF
 baselines, and each tensorfleet rank's all-reduce share of its forward time; it writes
 results.json, table.md and chart.png (throughput and TTFT by system) under --out.
-About 12 minutes on a quiet 2-core CPU machine (see README.md).
+About 9 minutes a round on a quiet 2-core CPU machine (see README.md); `make bench` runs
+three rounds, interleaved, and reports each system's median round.
 """
 
 import argparse
@@ -37,7 +38,7 @@ from actors.step_io import StepInput
 from cluster.config import TensorfleetConfig
 from deploy.bench import bench_engine, length_range
 from deploy.bench_hf import check_tokens, local_params, run_static
-from deploy.bench_report import draw_chart, format_shares, format_table, machine, ratios
+from deploy.bench_report import draw_chart, format_rounds, format_shares, format_table, machine, ratios
 from deploy.bench_stats import summarize
 from deploy.bench_workload import (
     MIXED,
@@ -61,7 +62,7 @@ def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int)
         "model": str(path), "dtype": "float32",
         "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": device},
         "engine": {"max_model_len": max_model_len, "max_num_seqs": 64, "max_num_batched_tokens": 2048,
-                   "block_size": 16, "num_kv_blocks": 4096, "executor": "compiled"},
+                   "block_size": 16, "num_kv_blocks": 4096},
     })
 
 
@@ -151,29 +152,45 @@ def check_hf_tp(results: dict) -> list[str]:
     return problems
 
 
+def run_system(key: str, path: Path, work: Workload, *, batch_sizes: list[int], device: str, workdir: Path) -> dict:
+    label, tp, pp = SYSTEMS[key]
+    start = time.perf_counter()
+    if key == "hf":
+        result = run_hf(path, work, batch_sizes, device)
+    elif key == "hf-tp2":
+        result = run_hf_tp(path, work, batch_sizes, workdir, tp)
+    else:
+        result = run_tensorfleet(path, work, tp, pp, device)
+    return result | {"label": label, "wall_s": time.perf_counter() - start}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median output tokens/s (the lower middle of an even count), with
+    every run's tokens/s beside it."""
+    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
+    return ranked[(len(ranked) - 1) // 2] | {"tok_s_of_runs": [r["output_tok_s"] for r in runs]}
+
+
 def run_all(work: Workload, systems: list[str], *, batch_sizes: list[int], device: str,
-            layers: int, log: Callable[[str], None] = print) -> dict:
-    results: dict[str, dict] = {}
+            layers: int, repeats: int = 1, log: Callable[[str], None] = print) -> dict:
+    """Every system `repeats` times, in interleaved rounds (so a slow spell of the machine
+    hits all systems alike); each system's median run is reported."""
+    runs: dict[str, list[dict]] = {key: [] for key in systems}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench-llama"
         params = sum(p.numel() for p in save_bench_model(path, num_hidden_layers=layers).parameters())
         log(f"model: Llama {params / 1e6:.0f}M params ({layers} layers), fp32, {device}; workload: "
             f"{len(work.prompts)} requests, {work.output_tokens} output tokens, all at once")
-        for key in systems:
-            label, tp, pp = SYSTEMS[key]
-            log(f"{label} ...")
-            start = time.perf_counter()
-            if key == "hf":
-                results[key] = run_hf(path, work, batch_sizes, device)
-            elif key == "hf-tp2":
-                results[key] = run_hf_tp(path, work, batch_sizes, Path(tmp), tp)
-            else:
-                results[key] = run_tensorfleet(path, work, tp, pp, device)
-            results[key] |= {"label": label, "wall_s": time.perf_counter() - start}
-            log(f"  {results[key]['output_tok_s']:.1f} output tok/s, {results[key]['completed']}/"
-                f"{results[key]['requests']} requests, {results[key]['wall_s']:.0f} s with setup")
+        for round_ in range(1, repeats + 1):
+            for key in systems:
+                log(f"{SYSTEMS[key][0]} (round {round_}/{repeats}) ...")
+                r = run_system(key, path, work, batch_sizes=batch_sizes, device=device, workdir=Path(tmp))
+                runs[key].append(r)
+                log(f"  {r['output_tok_s']:.1f} output tok/s, {r['completed']}/{r['requests']} requests, "
+                    f"{r['wall_s']:.0f} s with setup")
+    results = {key: median_run(rs) for key, rs in runs.items()}
     return {"machine": machine(), "model": {"params": params, "layers": layers, "dtype": "float32"},
-            "workload": work.spec.to_json(), "device": device, "systems": results,
+            "workload": work.spec.to_json(), "device": device, "repeats": repeats, "systems": results,
             "ratios": ratios(results), "problems": check_hf_tp(results)}
 
 
@@ -190,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="static batch sizes to try for both HF baselines; the best is reported "
                         "(default 32, the best of 16/32/64 on the mixed workload)")
     p.add_argument("--layers", type=int, default=12, help="decoder layers of the benchmark Llama")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every system, interleaved; each system's median run is reported")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",")]
@@ -199,17 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     work = make_workload(WorkloadSpec(args.num_requests, args.prompt_len, args.output_len, args.seed))
     start = time.perf_counter()
     report = run_all(work, systems, batch_sizes=[int(b) for b in args.hf_batch_sizes.split(",")],
-                     device=args.device, layers=args.layers)
+                     device=args.device, layers=args.layers, repeats=args.repeats)
     report["wall_s"] = time.perf_counter() - start
-    table, shares, m = format_table(report["systems"]), format_shares(report["systems"]), report["machine"]
+    systems, m = report["systems"], report["machine"]
     where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f", {m['gpu']}" if "gpu" in m else "")
-    print(f"\n{table}\n\n{shares}\n\nmachine: {where}")
+    text = (f"{format_table(systems)}\n\neach round's output tok/s (median shown; {args.repeats} rounds):\n"
+            f"{format_rounds(systems)}\n\n{format_shares(systems)}\n\nmachine: {where}")
+    print(f"\n{text}")
     print(f"total {report['wall_s']:.0f} s")
     for problem in report["problems"]:
         print(f"PROBLEM: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
-    (args.out / "table.md").write_text(f"{table}\n\n{shares}\n\nmachine: {where}\n")
+    (args.out / "table.md").write_text(f"{text}\n")
     draw_chart(report["systems"], f"{report['model']['params'] / 1e6:.0f}M Llama fp32, {len(work.prompts)} "
                f"requests ({args.prompt_len[0]}-{args.prompt_len[1]} in, {args.output_len[0]}-"
                f"{args.output_len[1]} out), {where}", args.out / "chart.png")

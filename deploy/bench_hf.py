@@ -33,7 +33,7 @@ CHECK_REQUESTS = 2  # requests whose greedy tokens the TP run reports, for the e
 CHECK_TOKENS = 16
 
 
-class _StepClock(BaseStreamer):
+class StepClock(BaseStreamer):
     """Time of each decode step: `generate` puts the prompt first, then each step's tokens."""
 
     def __init__(self):
@@ -49,7 +49,7 @@ class _StepClock(BaseStreamer):
         pass
 
 
-def _greedy(model, prompts: list[list[int]], new_tokens: int, device: torch.device,
+def greedy_generate(model, prompts: list[list[int]], new_tokens: int, device: torch.device,
             streamer: BaseStreamer | None = None) -> torch.Tensor:
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -65,14 +65,14 @@ def _greedy(model, prompts: list[list[int]], new_tokens: int, device: torch.devi
 
 def run_static(model, work: Workload, batch_size: int, device: torch.device) -> tuple[list[RequestRecord], float]:
     """The whole workload in static batches, after a short warm-up; (records, seconds)."""
-    _greedy(model, [work.prompts[0][:8]], 2, device)
+    greedy_generate(model, [work.prompts[0][:8]], 2, device)
     order = sorted(range(len(work.prompts)), key=lambda i: len(work.prompts[i]))
     start = time.perf_counter()
     records = [RequestRecord(len(p), n, start=start) for p, n in zip(work.prompts, work.output_lens)]
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        clock = _StepClock()
-        _greedy(model, [work.prompts[i] for i in idx], max(work.output_lens[i] for i in idx), device, clock)
+        clock = StepClock()
+        greedy_generate(model, [work.prompts[i] for i in idx], max(work.output_lens[i] for i in idx), device, clock)
         for i in idx:
             records[i].chunk_times = clock.times[: work.output_lens[i]]
             records[i].output_tokens = work.output_lens[i]
@@ -81,7 +81,7 @@ def run_static(model, work: Workload, batch_size: int, device: torch.device) -> 
 
 def check_tokens(model, work: Workload, device: torch.device) -> list[list[int]]:
     """Greedy tokens of the first requests, each alone (no padding)."""
-    return [_greedy(model, [p], CHECK_TOKENS, device)[0].tolist() for p in work.prompts[:CHECK_REQUESTS]]
+    return [greedy_generate(model, [p], CHECK_TOKENS, device)[0].tolist() for p in work.prompts[:CHECK_REQUESTS]]
 
 
 def local_params(model) -> int:

@@ -61,6 +61,12 @@ def format_shares(systems: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_rounds(systems: dict[str, dict]) -> str:
+    """Output tokens/s of every round, per system (the table shows the median round)."""
+    return "\n".join(f"- {r['label']}: " + ", ".join(f"{t:.1f}" for t in r["tok_s_of_runs"]) + " tok/s"
+                     for r in systems.values())
+
+
 def ratios(systems: dict[str, dict]) -> dict[str, float]:
     """tensorfleet output tokens/s over each baseline's, for every pair present."""
     out = {}

@@ -92,11 +92,12 @@ def arrival_offsets(n: int, request_rate: float, seed: int) -> list[float]:
     return offsets
 
 
-def save_bench_model(path: Path, **overrides) -> LlamaForCausalLM:
-    """The benchmark Llama (fixed seed, random weights), saved as a Hugging Face checkpoint."""
+def save_bench_model(path: Path, dtype: str = "float32", **overrides) -> LlamaForCausalLM:
+    """The benchmark Llama (fixed seed, random weights), saved as a Hugging Face checkpoint
+    in `dtype` (a torch dtype's name)."""
     import torch
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**BENCH_MODEL, **overrides})).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**BENCH_MODEL, **overrides})).to(getattr(torch, dtype)).eval()
     model.save_pretrained(path)
     return model

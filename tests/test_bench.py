@@ -5,7 +5,10 @@ against one process, and the side-by-side report."""
 
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +112,37 @@ def test_offline_bench_tp1_runs_without_ray(tiny_llama_dir, tmp_path):
     assert_ordered(result)
 
 
+# Runs `deploy.bench_decode` in a fresh interpreter where `import ray` fails, as on a GPU
+# machine without Ray.
+WITHOUT_RAY = """
+import importlib.abc, sys
+class NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is not installed here")
+sys.meta_path.insert(0, NoRay())
+from deploy.bench_decode import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_decode_bench_runs_the_engine_where_ray_is_not_installed(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "--layers", "2", "--new-tokens", "24",
+                           "--repeats", "1", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tokens_match"], report  # the engine's greedy tokens equal HF generate's
+    model = report["model"]
+    embed = model["vocab_size"] * model["hidden_size"] * 4
+    assert embed < report["weight_bytes_per_token"] < 2.5 * embed  # LM head + 2 layers, not the embedding
+    assert report["bound_tok_s"] == pytest.approx(report["copy_bandwidth_gb_s"] * 1e9 / report["weight_bytes_per_token"])
+    for system in report["systems"].values():
+        assert system["decode_tok_s"] > 0
+        assert system["share_of_bound"] == pytest.approx(system["decode_tok_s"] / report["bound_tok_s"])
+
+
 def test_workload_is_seeded_and_in_range():
     spec = WorkloadSpec(50, (3, 9), (1, 4), seed=3, vocab_size=100)
     work = make_workload(spec)
@@ -187,3 +221,11 @@ def test_side_by_side_report(tmp_path):
     assert table[2].startswith("| tensorfleet tp=1 | 150.0 |") and table[2].endswith("| 1.50x | 2.50x |")
     draw_chart(systems, "test", tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_system_reports_its_median_round_with_every_round():
+    from deploy.bench_compare import median_run
+
+    runs = [{"output_tok_s": t, "round": i} for i, t in enumerate([120.0, 100.0, 140.0])]
+    assert median_run(runs) == {"output_tok_s": 120.0, "round": 0, "tok_s_of_runs": [120.0, 100.0, 140.0]}
+    assert median_run(runs[:2])["output_tok_s"] == 100.0  # an even count: the lower middle
