@@ -118,7 +118,13 @@ async def test_full_queue_answers_429_with_retry_after(server):
         return r
 
     async with httpx.AsyncClient(timeout=120) as http:
-        replies = await asyncio.gather(*(one(http) for _ in range(40)))
+        # Fill the running batch first: a burst alone may reach the engine before its first
+        # step admits anything, and then only the waiting queue's 8 would be served.
+        running = [asyncio.create_task(one(http)) for _ in range(8)]
+        deadline = time.monotonic() + 30
+        while (await engine_stats())["running"] < 8 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        replies = await asyncio.gather(*(one(http) for _ in range(32))) + await asyncio.gather(*running)
     codes = [r.status_code for r in replies]
     refused = [r for r in replies if r.status_code == 429]
     print(f"\n40 concurrent requests: {codes.count(200)} served, {len(refused)} refused with 429")
