@@ -7,6 +7,10 @@ same clear errors, each naming the parameter.
 
 from dataclasses import dataclass
 
+# Completions per request, as OpenAI allows: more would build n of everything before the
+# engine could refuse the request for lack of room.
+MAX_N = 128
+
 
 class ParamError(ValueError):
     """A request parameter is out of range; `param` names it (OpenAI's error `param`)."""
@@ -52,7 +56,7 @@ class SamplingParams:
             raise ParamError("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ParamError("top_k", f"must be -1, 0 (disabled) or positive, got {self.top_k}")
-        if self.n < 1:
-            raise ParamError("n", f"must be at least 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ParamError("n", f"must be between 1 and {MAX_N}, got {self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ParamError("logprobs", f"must be between 0 and 20, got {self.logprobs}")

@@ -154,6 +154,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo"),
     ("/v1/completions", {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 10**9, "stream": True}, 400, "n"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
