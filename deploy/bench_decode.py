@@ -72,8 +72,10 @@ def decode_tok_s(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def tensorfleet_run(path: Path, prompt: list[int], new_tokens: int, device: str, dtype: str) -> tuple[list[int], list[float]]:
-    """Greedy tokens and the time of each, from an engine built in this process."""
+def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str, dtype: str,
+                     repeats: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and the time of each, `repeats` times, from one engine built in this
+    process (after a warm-up run)."""
     from cluster.config import TensorfleetConfig
     from cluster.replica import build_engine
     from cluster.sampling_params import SamplingParams
@@ -85,19 +87,22 @@ def tensorfleet_run(path: Path, prompt: list[int], new_tokens: int, device: str,
                    "num_kv_blocks": -(-max_len // BLOCK_SIZE)},
     })
     engine = build_engine(config, log=lambda m: None)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    async def generate() -> tuple[list[int], list[float]]:
+    async def generate(request_id: str) -> tuple[list[int], list[float]]:
         tokens, times = [], []
-        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        async for out in engine.generate("decode", prompt, params):
+        async for out in engine.generate(request_id, prompt, params):
             for delta in out.deltas:
                 tokens += delta.token_ids
                 times += [time.perf_counter()] * len(delta.token_ids)
         return tokens, times
 
+    async def all_runs() -> list[tuple[list[int], list[float]]]:
+        await generate("warm-up")
+        return [await generate(f"run-{i}") for i in range(repeats)]
+
     try:
-        asyncio.run(generate())  # warm-up
-        return asyncio.run(generate())
+        return asyncio.run(all_runs())
     finally:
         engine.executor.shutdown()
 
@@ -119,7 +124,7 @@ def run(path: Path, *, device: str, dtype: str, prompt_len: int, new_tokens: int
     hf_run(model, prompt, 4, dev)  # warm-up
     hf = [hf_run(model, prompt, new_tokens, dev) for _ in range(repeats)]
     del model
-    tf = [tensorfleet_run(path, prompt, new_tokens, device, dtype) for _ in range(repeats)]
+    tf = tensorfleet_runs(path, prompt, new_tokens, device, dtype, repeats)
     bound = bandwidth / weights
     systems = {}
     for name, runs in (("tensorfleet tp=1", tf), ("HF generate", hf)):

@@ -56,3 +56,19 @@ def serve_app(config: dict[str, Any]) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+# The name the tiny chat model is served under by `serve_tiny_2x2`.
+TINY_MODEL = "tiny-py"
+
+
+@contextmanager
+def serve_tiny_2x2(model_dir: Any, engine: dict[str, Any], serve_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """The tiny chat model at tp=2 x pp=2 on the simulated 2x2 cluster, float32 on CPU,
+    with these engine (and serve) settings; yield its base URL."""
+    with serve_app({
+        "model": str(model_dir), "served_model_name": TINY_MODEL, "dtype": "float32",
+        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
+        "engine": engine, "serve": serve_options or {},
+    }) as url:
+        yield url

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import main
+from tests.test_plan import table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "deploy" / "configs"
@@ -115,18 +116,6 @@ def check_line(path: Path) -> list[str]:
     return ["plan", str(REPO / argv[2]), *argv[3:]]
 
 
-def plan_rows(out: str) -> list[dict[str, str]]:
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["stage"])
-    header = lines[start].split()
-    rows = []
-    for line in lines[start + 1:]:
-        if not line.strip():
-            break
-        rows.append(dict(zip(header, line.split())))
-    return rows
-
-
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_config_plans_on_its_hardware(name, capsys):
     ex = EXAMPLES[name]
@@ -134,7 +123,7 @@ def test_example_config_plans_on_its_hardware(name, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"= {ex.tp * ex.pp} GPUs on {ex.nodes} node(s)" in out
-    rows = plan_rows(out)
+    rows = table_rows(out)
     assert len(rows) == ex.tp * ex.pp
 
     budget = 0.9 * ex.gpu_memory  # gpu_memory_utilization 0.9

@@ -19,26 +19,21 @@ from ray import serve
 
 from deploy.dashboards import dashboard_files, dashboard_queries, render_query
 from tests.test_dashboards import CATALOGUE
-from tests.servers import free_port, serve_app
+from tests.servers import TINY_MODEL, free_port, serve_tiny_2x2
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None,
                        reason="needs Debian's prometheus (make test installs it via .ci/system-packages)"),
 ]
-MODEL = "tiny-py"
+MODEL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    with serve_app({
-        "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
-        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
-        # few KV blocks and a short queue, so preemptions and 429s happen
-        "engine": {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8,
-                   "step_deadline_s": 5},
-        "serve": {"max_waiting_requests": 8},
-    }) as url:
+    # few KV blocks and a short queue, so preemptions and 429s happen
+    engine = {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8, "step_deadline_s": 5}
+    with serve_tiny_2x2(chat_model_dir, engine, {"max_waiting_requests": 8}) as url:
         yield url
 
 

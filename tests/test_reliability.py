@@ -14,24 +14,20 @@ import pytest
 import ray
 from ray import serve
 
-from tests.servers import serve_app
+from tests.servers import TINY_MODEL, serve_tiny_2x2
 from tests.test_serve import hf_greedy_text, reference  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny-py"
+MODEL = TINY_MODEL
 MAX_WAITING = 8
 STEP_DEADLINE_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    with serve_app({
-        "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
-        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
-        "engine": {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 8,
-                   "step_deadline_s": STEP_DEADLINE_S},
-        "serve": {"max_waiting_requests": MAX_WAITING},
-    }) as url:
+    engine = {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 8,
+              "step_deadline_s": STEP_DEADLINE_S}
+    with serve_tiny_2x2(chat_model_dir, engine, {"max_waiting_requests": MAX_WAITING}) as url:
         yield url
 
 

@@ -10,19 +10,16 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.servers import serve_app
+from tests.servers import TINY_MODEL, serve_tiny_2x2
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny-py"
+MODEL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
-    with serve_app({
-        "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
-        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
-        "engine": {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 32},
-    }) as url:
+    engine = {"max_model_len": 512, "block_size": 16, "num_kv_blocks": 256, "max_num_seqs": 32}
+    with serve_tiny_2x2(chat_model_dir, engine) as url:
         yield url
 
 
