@@ -34,7 +34,7 @@ test-quick: setup
 
 # The side-by-side benchmark, 3 interleaved rounds (~28 min on a quiet 2-core CPU): table, JSON and chart in bench_results/
 bench: setup
-	$(BIN)/python -m deploy.bench_compare --repeats 3 --out bench_results
+	$(BIN)/python -m deploy.bench.compare --repeats 3 --out bench_results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,19 +11,10 @@ import math
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class UnsupportedRope(ValueError):
-    pass
-
 
 def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedRope(
-            f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+    """`rope` is `ModelShape.rope`, whose type the shape has already checked."""
+    rope_type = rope["rope_type"]
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope_type == "linear":
         return inv_freq / rope["factor"]
@@ -42,14 +33,6 @@ def llama3_scaled(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, blended, scaled)
-
-
-def rope_parameters(hf_config) -> dict:
-    """The rope dict of a HF config, old (`rope_theta` + `rope_scaling`) or new (`rope_parameters`) style."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if params:
-        return dict(params)
-    return {"rope_theta": getattr(hf_config, "rope_theta", 10000.0), **(getattr(hf_config, "rope_scaling", None) or {})}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ Logprobs are those of the model's distribution (log-softmax of the raw logits).
 
 import torch
 
+from actors.sampling_params import SamplingParams
 from actors.step_io import SampledToken
-from cluster.sampling_params import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
 

@@ -2,12 +2,14 @@
 
 Compact by design: a sequence brings only its new token ids, its first new position and
 the KV blocks it gained since the last step. Workers keep each running sequence's block
-table until the driver says it is finished or preempted.
+table until the driver says it is finished or preempted. This module and
+`actors.sampling_params` are the wire format between driver and workers: they import
+nothing above them.
 """
 
 from dataclasses import dataclass, field
 
-from cluster.sampling_params import SamplingParams
+from actors.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,6 @@ class StepInput:
     seqs: list[SeqStep]
     released: list[int] = field(default_factory=list)  # sequences finished or preempted
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
-
 
 @dataclass(frozen=True)
 class SampledToken:
@@ -43,4 +41,22 @@ class SampledToken:
 class StepOutput:
     step_id: int
     tokens: list[SampledToken]  # one per sequence with sample=True, in StepInput order
-    forward_s: float = 0.0  # time in the model forward on the reporting rank
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """One rank's running totals, for the metrics and the benchmarks.
+
+    forward_s is model compute, all-reduces included, time spent waiting on the previous
+    stage excluded; all_reduce_s / forward_s is this rank's all-reduce share."""
+
+    stage: int
+    tp_rank: int
+    steps: int
+    forward_s: float
+    all_reduces: int
+    all_reduce_s: float
+    p2p_s: float
+    weight_bytes: int
+    kv_cache_bytes: int
+    peak_memory_bytes: int

@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
 
 from actors.attention import PagedAttention, build_attention_metadata
 from actors.comm import ParallelContext, init_parallel
 from actors.loader import load_checkpoint
+from actors.model_shape import ModelShape
 from actors.models.llama import LlamaStage
 from actors.sampler import Sampler
 from actors.sharding import layer_partition, stage_layers
-from actors.step_io import StepInput, StepOutput
+from actors.step_io import RankStats, StepInput, StepOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,7 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class WorkerSpec:
     """What every worker of a replica needs to know (the same for all of them)."""
 
-    model_dir: str
+    model_dir: str  # where the weights are
+    shape: ModelShape
     tp: int
     pp: int
     layer_partition: list[int] | None
@@ -42,25 +43,6 @@ class WorkerSpec:
     model_name: str = ""  # the served name, a label on the rank's metrics
 
 
-@dataclass(frozen=True)
-class RankStats:
-    """One rank's running totals, for the metrics and the benchmarks.
-
-    forward_s is model compute, all-reduces included, time spent waiting on the previous
-    stage excluded; all_reduce_s / forward_s is this rank's all-reduce share."""
-
-    stage: int
-    tp_rank: int
-    steps: int
-    forward_s: float
-    all_reduces: int
-    all_reduce_s: float
-    p2p_s: float
-    weight_bytes: int
-    kv_cache_bytes: int
-    peak_memory_bytes: int
-
-
 class Worker:
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
         self.spec, self.stage, self.tp_rank = spec, stage, tp_rank
@@ -68,8 +50,7 @@ class Worker:
             torch.set_num_threads(spec.cpu_threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.device == "cuda" else torch.device("cpu")
         self.dtype = DTYPES[spec.dtype]
-        self.hf_config = AutoConfig.from_pretrained(spec.model_dir)
-        self.partition = layer_partition(self.hf_config.num_hidden_layers, spec.pp, spec.layer_partition)
+        self.partition = layer_partition(spec.shape.num_hidden_layers, spec.pp, spec.layer_partition)
         self.ctx = ParallelContext.single()
         self.model: LlamaStage | None = None
         self.num_kv_blocks = 0
@@ -97,7 +78,7 @@ class Worker:
         """Build this rank's part of the model and read its slices of the checkpoint."""
         with torch.device(self.device):
             self.model = LlamaStage(
-                self.hf_config, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
+                self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
             ).eval()
         stats = load_checkpoint(self.model, self.spec.model_dir)
         return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read}
@@ -161,7 +142,7 @@ class Worker:
                 return None
             sampled = [s for s in step.seqs if s.sample]
             tokens = self.sampler(logits, [self.seq_params[s.seq_id] for s in sampled], [s.output_index for s in sampled])
-            return StepOutput(step.step_id, tokens, time.perf_counter() - start)
+            return StepOutput(step.step_id, tokens)
         finally:
             self.steps += 1
             self.forward_seconds += time.perf_counter() - start - (self.ctx.tp.stats.p2p_seconds - p2p_before)
@@ -172,7 +153,7 @@ class Worker:
         if self.ctx.is_first_stage:
             x = torch.tensor(token_ids, device=self.device)
         else:
-            x = self.ctx.pp.recv_prev((len(token_ids), self.hf_config.hidden_size), self.dtype, self.device)
+            x = self.ctx.pp.recv_prev((len(token_ids), self.spec.shape.hidden_size), self.dtype, self.device)
         return self.model(x, pos, meta)
 
     @torch.inference_mode()

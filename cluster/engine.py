@@ -1,9 +1,9 @@
 """The engine: requests in, token deltas out. One per model replica.
 
-    step() = schedule -> executor.execute(one StepInput) -> postprocess
+    step() = schedule -> execute on the workers -> process outputs -> deliver
 
-`generate()` queues a request and streams its deltas; a background task runs steps while
-there is work, the blocking executor call in a thread so the event loop (and the HTTP
+`generate()` queues a request and streams its deltas; a background task calls `step()`
+while there is work, the blocking executor call in a thread so the event loop (and the HTTP
 server on it) stays responsive. All engine state is touched only from the event loop.
 
 Failure: when a step fails (a worker died, or missed the step deadline) or a health check
@@ -18,17 +18,17 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from actors.step_io import SeqStep, StepInput
+from actors.sampling_params import ParamError, SamplingParams
+from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineOverloadedError
+from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics
-from cluster.outputs import CompletionDelta, RequestOutput, TokenLogprob, Usage
-from cluster.sampling_params import ParamError, SamplingParams
+from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
 
@@ -42,30 +42,10 @@ class EngineLimits:
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 256
 
+
 # Rebuild attempts after a failure, and the pause before each (a node may be coming back).
 REBUILD_BACKOFF_S = (0.0, 2.0, 5.0, 10.0, 30.0)
 logger = logging.getLogger("tensorfleet.engine")
-
-
-@dataclass
-class RequestState:
-    request_id: str
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer | None]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=len(self.seqs[0].prompt_ids),
-            completion_tokens=sum(len(s.output_ids) for s in self.seqs),
-            cached_prompt_tokens=self.seqs[0].num_cached_prompt,
-        )
 
 
 def seed_for_completion(seed: int | None, index: int) -> int | None:
@@ -74,14 +54,17 @@ def seed_for_completion(seed: int | None, index: int) -> int | None:
 
 
 class Engine:
-    def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, tokenizer: Any = None,
-                 eos_token_ids: tuple[int, ...] = (), rebuild: Callable[[], Executor] | None = None):
+    def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, vocab_size: int,
+                 tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
+                 rebuild: Callable[[], Executor] | None = None):
         self.limits = limits
         self.model_name = model_name
         self.max_model_len = limits.max_model_len
+        self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = EngineMetrics(model_name)
+        self.output = OutputProcessor(eos_token_ids=frozenset(eos_token_ids), max_model_len=limits.max_model_len,
+                                      metrics=self.metrics)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
@@ -100,7 +83,7 @@ class Engine:
         self.blocks = BlockManager(executor.num_kv_blocks, self.limits.block_size, self.limits.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
 
-    # -- the step ------------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
         if self.dead is not None:
@@ -141,21 +124,33 @@ class Engine:
                     self.metrics.completion_ended(reason)
                 self.scheduler.finish(seq, reason)
 
-    def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+    # -- the step ------------------------------------------------------------------------
+
+    async def step(self) -> list[RequestOutput]:
+        """One step: schedule a batch, run it on the workers, turn the sampled tokens into
+        deltas and hand each to its request's stream. Raises what the executor raises."""
+        batch = self.scheduler.schedule()
+        if not batch:  # nothing fits right now (or no work): let the event loop run
+            await asyncio.sleep(0.001)
             return []
-        step_input = self._step_input(scheduled)
-        return [out for _, out in self._postprocess(scheduled, self.executor.execute(step_input).tokens)]
+        result = await asyncio.to_thread(self.executor.execute, self._step_input(batch))
+        if self.dead is not None:
+            return []  # a health check failed this batch while it ran
+        sampled = self.scheduler.update(batch, result.tokens)
+        delivered = self.output.process(sampled, self.requests, self.scheduler)
+        self._record_scheduler_state()
+        for state, out in delivered:
+            state.queue.put_nowait(out)
+        return [out for _, out in delivered]
 
-    def _record_scheduler_state(self) -> None:
-        s, b = self.scheduler, self.blocks
-        self.metrics.scheduler_state(len(s.running), len(s.waiting), b.usage(), s.stats.preemptions,
-                                     b.stats.queried_tokens, b.stats.hit_tokens)
+    def empty_step(self) -> None:
+        """A step with no sequences through every worker: the control overhead of a step,
+        for the benchmarks. Only while no request runs."""
+        self.executor.execute(StepInput(next(self._step_ids), []))
 
-    def _step_input(self, scheduled: list[ScheduledSeq]) -> StepInput:
+    def _step_input(self, batch: list[ScheduledSeq]) -> StepInput:
         seqs = []
-        for s in scheduled:
+        for s in batch:
             seq = s.seq
             ids = seq.blocks.block_ids
             seqs.append(SeqStep(
@@ -171,68 +166,28 @@ class Engine:
             seq.needs_params = False
         return StepInput(next(self._step_ids), seqs, self.scheduler.take_released())
 
-    def _postprocess(self, scheduled: list[ScheduledSeq], tokens) -> list[tuple[RequestState, RequestOutput]]:
-        sampled = iter(tokens)
-        deltas: dict[str, list[CompletionDelta]] = {}
-        now = time.monotonic()
-        for s in scheduled:
-            seq = s.seq
-            seq.num_computed += s.num_tokens
-            if seq.num_computed < seq.num_tokens:
-                continue  # a prompt chunk: nothing sampled yet
-            token = next(sampled)
-            if seq.is_finished:
-                continue  # aborted while the step ran
-            seq.output_ids.append(token.token_id)
-            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
-            self._record_token(seq, now)
-            deltas.setdefault(seq.request_id, []).append(self._delta(seq, token))
-        self.metrics.tokens_sampled(sum(len(ds) for ds in deltas.values()))
-        outputs = []
-        for request_id, ds in deltas.items():
-            state = self.requests[request_id]
-            finished = state.finished
-            if finished:
-                del self.requests[request_id]
-                usage = state.usage()
-                self.metrics.request_finished(state.arrival, now, usage.prompt_tokens, usage.completion_tokens,
-                                              [s.finish_reason for s in state.seqs])
-            outputs.append((state, RequestOutput(request_id, ds, finished, state.usage())))
-        self._record_scheduler_state()
-        return outputs
+    def _record_scheduler_state(self) -> None:
+        s, b = self.scheduler, self.blocks
+        self.metrics.scheduler_state(len(s.running), len(s.waiting), b.usage(), s.stats.preemptions,
+                                     b.stats.queried_tokens, b.stats.hit_tokens)
 
-    def _record_token(self, seq: Sequence, now: float) -> None:
-        state = self.requests[seq.request_id]
-        if state.first_token_at is None:
-            state.first_token_at = now
-            self.metrics.first_token(state.arrival, seq.admitted_at, len(seq.prompt_ids), now)
-        elif seq.last_token_at is not None:
-            self.metrics.next_token(now - seq.last_token_at)
-        seq.last_token_at = now
+    async def _run(self) -> None:
+        while True:
+            if self.dead is not None:
+                if self._rebuild is None or self.gave_up:
+                    return
+                await self._recover()
+                continue
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.step()
+            except Exception as e:  # a dead or stuck worker: fail every request, clearly
+                self._fail(EngineDeadError(f"a model worker failed: {e}"))
 
-    def _delta(self, seq: Sequence, token) -> CompletionDelta:
-        p = seq.params
-        reason = None
-        if (token.token_id in self.eos_token_ids and not p.ignore_eos) or token.token_id in p.stop_token_ids:
-            reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        text = ""
-        detok = self.requests[seq.request_id].detokenizers[seq.index]
-        if detok is not None:
-            text, hit_stop = detok.step([token.token_id])
-            if hit_stop:
-                reason = "stop"
-            elif reason is not None:
-                text += detok.flush()
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-        logprobs = None
-        if token.logprob is not None:
-            logprobs = [TokenLogprob(token.token_id, token.logprob, token.top_logprobs or {})]
-        return CompletionDelta(seq.index, [token.token_id], text, logprobs, reason)
-
-    # -- async API ---------------------------------------------------------------------
+    # -- async API -----------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         state = self.add_request(request_id, prompt_token_ids, params)
@@ -266,6 +221,25 @@ class Engine:
             self._fail(EngineDeadError(f"health check: {e}"))
             raise
 
+    async def stats(self) -> EngineStats:
+        pids: list[int] = []
+        if self.dead is None:
+            try:
+                pids = await asyncio.to_thread(self.executor.worker_pids)
+            except Exception:  # noqa: BLE001 - a worker just died; the health check will notice
+                pids = []
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks=self.blocks.num_blocks, kv_blocks_free=self.blocks.num_free, restarts=self.restarts,
+            healthy=self.dead is None, gave_up=self.gave_up, draining=self.draining, worker_pids=pids,
+        )
+
+    async def rank_stats(self) -> list[RankStats]:
+        return await asyncio.to_thread(self.executor.rank_stats)
+
+    def drain(self) -> None:
+        self.draining = True
+
     def shutdown(self) -> None:
         """Stop the workers; in-flight requests fail."""
         if self._loop_task is not None:
@@ -279,30 +253,7 @@ class Engine:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _run(self) -> None:
-        while True:
-            if self.dead is not None:
-                if self._rebuild is None or self.gave_up:
-                    return
-                await self._recover()
-                continue
-            if not self.scheduler.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            scheduled = self.scheduler.schedule()
-            if not scheduled:
-                await asyncio.sleep(0.001)
-                continue
-            step_input = self._step_input(scheduled)
-            try:
-                result = await asyncio.to_thread(self.executor.execute, step_input)
-            except Exception as e:  # a dead or stuck worker: fail every request, clearly
-                self._fail(EngineDeadError(f"a model worker failed: {e}"))
-                continue
-            if self.dead is None:  # else a health check failed the batch while it ran
-                for state, out in self._postprocess(scheduled, result.tokens):
-                    state.queue.put_nowait(out)
+    # -- failure -------------------------------------------------------------------------
 
     def _fail(self, error: EngineDeadError) -> None:
         """Fail everything in flight now; the loop then rebuilds the workers."""

@@ -17,11 +17,14 @@ and nothing touches the user's `~/.ray/auth_token`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -169,6 +172,25 @@ def connect(address: str | None = None) -> None:
                 "cluster's token via RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
             ) from e
         raise
+
+
+@contextlib.contextmanager
+def ray_session(simulate: str | None, address: str | None, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Start a simulated cluster (`simulate`, e.g. "2x2"), join a running one (`address`),
+    or, with neither, run without Ray where the layout allows it."""
+    if simulate:
+        nodes, gpus = parse_simulate(simulate)
+        start = time.perf_counter()
+        cluster = start_local_cluster(nodes, gpus)
+        log(f"started a simulated {nodes}x{gpus} Ray cluster on 127.0.0.1 in {time.perf_counter() - start:.1f}s")
+        try:
+            yield
+        finally:
+            cluster.shutdown()
+    else:
+        if address:
+            connect(address)
+        yield
 
 
 def _swap_env(values: dict[str, str | None]) -> dict[str, str | None]:

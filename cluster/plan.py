@@ -19,7 +19,9 @@ Weights per rank, in parameters (times the dtype's bytes), from actors/sharding.
 KV cache per block per rank: 2 (K, V) * layers_on_stage * k * d * block_size * dtype bytes.
 Every rank gets the same number of blocks (block tables are global), so a sized
 num_kv_blocks is the minimum over ranks of
-  floor((gpu_memory * gpu_memory_utilization - weights - activation_reserve) / block_bytes).
+  floor((gpu_memory * gpu_memory_utilization - weights - activation_reserve) / block_bytes),
+capped at what max_num_seqs sequences of max_model_len can use. The replica allocates
+exactly this count, so `tensorfleet plan` and `tensorfleet serve` report the same cache.
 """
 
 import math
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.model_shape import ModelShape
 from actors.sharding import (
     HeadShard,
     ShardingError,
@@ -37,7 +40,7 @@ from actors.sharding import (
     padded_vocab_size,
     stage_layers,
 )
-from cluster.config import EngineConfig, ModelShape, ParallelConfig
+from cluster.config import EngineConfig, ParallelConfig
 
 GiB = 1 << 30
 LOGITS_BYTES = 4  # logits and sampling are float32 whatever the model dtype
@@ -179,13 +182,10 @@ def _check_layout(shape: ModelShape, parallel: ParallelConfig, cluster: ClusterS
             f"parallel.pipeline_parallel_size: pipeline_parallel_size={pp} exceeds "
             f"num_hidden_layers={layers}; every stage needs at least one layer"
         )
-    part = parallel.layer_partition
-    if part is not None and (len(part) != pp or sum(part) != layers or min(part) < 1):
-        raise PlanError(
-            f"parallel.layer_partition: {part} has {len(part)} entries summing to {sum(part)}; "
-            f"it needs pipeline_parallel_size={pp} entries, each >= 1, summing to "
-            f"num_hidden_layers={layers} (or null for an even split)"
-        )
+    try:
+        layer_partition(layers, pp, parallel.layer_partition)
+    except ShardingError as e:
+        raise PlanError(f"parallel.layer_partition: {e} (or null for an even split)") from None
     stages_per_node = cluster.gpus_per_node // tp
     nodes = math.ceil(pp / stages_per_node)
     if nodes > cluster.nodes:
@@ -240,6 +240,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
             draft.append((s, t, heads, weights, act, block))
 
     per_seq = math.ceil(engine.max_model_len / engine.block_size)
+    max_useful = per_seq * engine.max_num_seqs
     room = [(budget - w - a) // b for (_, _, _, w, a, b) in draft]
     if engine.num_kv_blocks is not None:
         num_blocks = engine.num_kv_blocks
@@ -257,7 +258,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
                 f"engine.max_model_len"
             )
     else:
-        num_blocks = min(room)
+        num_blocks = min(min(room), max_useful)
         if num_blocks < per_seq:
             s, _, _, w, a, b = draft[room.index(num_blocks)]
             raise PlanError(
@@ -285,7 +286,8 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         f"num_kv_blocks={num_blocks} given by engine.num_kv_blocks"
         if engine.num_kv_blocks is not None else
         f"num_kv_blocks={num_blocks}: min over GPUs of floor((budget - weights - reserve) / "
-        "bytes per block); every GPU gets the same count",
+        f"bytes per block), at most max_num_seqs x ceil(max_model_len / block_size) = {max_useful}; "
+        "every GPU gets the same count",
     )
     return Plan(
         shape=shape, dtype=dtype, tp=tp, pp=pp, partition=tuple(partition), stages=stages,
@@ -337,7 +339,7 @@ def format_plan(plan: Plan) -> str:
     weights = sum(r.weight_bytes for r in plan.ranks)
     blocks = ", ".join(f"stage {st.stage}: {st.ranks[0].kv_block_bytes / 2**20:.2f} MiB"
                        for st in plan.stages)
-    source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from free memory"
+    source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from memory"
     lines += [
         "",
         f"weights: {_gib(weights)} over {plan.gpus} GPUs (replicated norms included)",

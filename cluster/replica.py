@@ -4,7 +4,6 @@ back a ready `Engine`.
 """
 
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,20 +11,41 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from actors.model_shape import ModelShape
 from actors.worker import WorkerSpec
-from cluster.config import ModelShape, TensorfleetConfig, resolve_device, resolve_dtype
+from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
 from cluster.engine import Engine, EngineLimits
 from cluster.executor import Executor, InProcessExecutor
-from cluster.plan import ClusterSpec, make_plan
+from cluster.plan import ClusterSpec, Plan, make_plan
+
+# On CPU the workers share RAM with everything else: the plan gives each worker this share
+# of the machine's RAM, divided among the replica's workers as if all were on one host
+# (simulated nodes are).
+CPU_MEMORY_FRACTION = 0.25
+
+
+def device_memory_bytes(device: str, world: int) -> int:
+    """Memory one worker plans with: a GPU's total memory (gpu_memory_utilization applies
+    on top), or its share of this machine's RAM on CPU."""
+    if device == "cpu":
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(ram * CPU_MEMORY_FRACTION) // world
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    import ray  # a driver without a GPU (a CPU head node): ask a GPU node
+
+    probe = ray.remote(num_gpus=1)(lambda: torch.cuda.get_device_properties(0).total_memory)
+    return ray.get(probe.remote(), timeout=120)
 
 
 def cluster_spec(cfg: TensorfleetConfig, device: str) -> ClusterSpec:
     """The cluster the layout must fit: the connected Ray cluster's nodes (GPUs per node,
     real or logical), or this machine alone."""
     par = cfg.parallel
-    memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else _total_ram()
+    world = par.tensor_parallel_size * par.pipeline_parallel_size
+    memory = device_memory_bytes(device, world)
     if not _ray_connected():
-        return ClusterSpec(1, par.tensor_parallel_size * par.pipeline_parallel_size, memory)
+        return ClusterSpec(1, world, memory)
     import ray
 
     gpus = [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -34,33 +54,30 @@ def cluster_spec(cfg: TensorfleetConfig, device: str) -> ClusterSpec:
     return ClusterSpec(len(gpus), max(gpus), memory)
 
 
-def worker_spec(cfg: TensorfleetConfig) -> WorkerSpec:
+def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
+    """Check the layout against the model and the cluster (the planner's clear errors,
+    before any worker starts), and say what every worker needs to build its part."""
     shape = ModelShape.from_dir(cfg.model)
     device = resolve_device(cfg.parallel.device)
     dtype = resolve_dtype(cfg.dtype, shape, device)
     par, eng = cfg.parallel, cfg.engine
-    # Checks the layout (heads, KV heads, partition, TP within a node, ...) with the
-    # planner's clear errors, before any worker starts.
-    make_plan(shape, par, eng, dtype, cluster_spec(cfg, device))
-    world = par.tensor_parallel_size * par.pipeline_parallel_size
-    return WorkerSpec(
+    plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device))
+    spec = WorkerSpec(
         model_dir=str(Path(cfg.model).resolve()),
+        shape=shape,
         model_name=cfg.served_model_name,
-        tp=par.tensor_parallel_size,
-        pp=par.pipeline_parallel_size,
-        layer_partition=par.layer_partition,
+        tp=plan.tp,
+        pp=plan.pp,
+        layer_partition=list(plan.partition),
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         max_model_len=eng.max_model_len,
         block_size=eng.block_size,
         collective_timeout_s=eng.step_deadline_s,
         # CPU workers of a simulated cluster share this machine's cores
-        cpu_threads=max(1, (os.cpu_count() or 1) // world) if device == "cpu" else None,
+        cpu_threads=max(1, (os.cpu_count() or 1) // plan.gpus) if device == "cpu" else None,
     )
-
-
-def _total_ram() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return plan, spec
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:
@@ -83,17 +100,15 @@ def load_tokenizer(model_dir: Path, log: Callable[[str], None]):
         return None
 
 
-def build_executor(cfg: TensorfleetConfig, spec: WorkerSpec, log: Callable[[str], None]) -> Executor:
-    eng = cfg.engine
-    max_blocks = math.ceil(eng.max_model_len / eng.block_size) * eng.max_num_seqs
+def build_executor(cfg: TensorfleetConfig, plan: Plan, spec: WorkerSpec, log: Callable[[str], None]) -> Executor:
+    """Start the workers and allocate the KV cache the plan sized."""
     if spec.tp * spec.pp == 1 and not _ray_connected():
         log("tp=1, pp=1 without Ray: running the worker in this process")
-        return InProcessExecutor(spec, eng.num_kv_blocks, memory_utilization=eng.gpu_memory_utilization,
-                                 max_blocks=max_blocks)
+        return InProcessExecutor(spec, plan.num_kv_blocks)
     from cluster.ray_executor import RayExecutor
 
-    return RayExecutor(spec, eng.num_kv_blocks, memory_utilization=eng.gpu_memory_utilization,
-                       max_blocks=max_blocks, compiled=eng.executor == "compiled",
+    eng = cfg.engine
+    return RayExecutor(spec, plan.num_kv_blocks, compiled=eng.executor == "compiled",
                        step_deadline_s=eng.step_deadline_s, log=log)
 
 
@@ -106,14 +121,15 @@ def _ray_connected() -> bool:
 
 
 def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
-    spec = worker_spec(cfg)
+    plan, spec = plan_replica(cfg)
     model_dir = Path(spec.model_dir)
     tokenizer = load_tokenizer(model_dir, log)
-    executor = build_executor(cfg, spec, log)
+    executor = build_executor(cfg, plan, spec, log)
     eng = cfg.engine
     limits = EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
                           eng.enable_prefix_caching, cfg.serve.max_waiting_requests)
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {eng.block_size} tokens")
-    return Engine(executor, limits, model_name=cfg.served_model_name, tokenizer=tokenizer,
+    return Engine(executor, limits, model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
+                  tokenizer=tokenizer,
                   eos_token_ids=eos_token_ids(model_dir, tokenizer),
-                  rebuild=lambda: build_executor(cfg, spec, log))
+                  rebuild=lambda: build_executor(cfg, plan, spec, log))

@@ -14,15 +14,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from actors.step_io import SampledToken
 from cluster.kv_blocks import BlockManager
-from cluster.sequence import Sequence, SeqStatus
+from cluster.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # new tokens computed this step
-    new_blocks: list[int]
 
 
 @dataclass
@@ -54,18 +54,16 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or budget == 0:
                 continue  # preempted below, while making room for an older sequence
             n = min(seq.num_tokens - seq.num_computed, budget)
-            new = self._allocate_or_preempt(seq, seq.num_computed + n)
-            if new is None:
+            if not self._allocate_or_preempt(seq, seq.num_computed + n):
                 continue  # seq itself was preempted
-            out.append(ScheduledSeq(seq, n, new))
+            out.append(ScheduledSeq(seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.blocks.block_ids:
                 seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
             n = min(seq.num_tokens - seq.num_computed, budget)
-            new = self.blocks.allocate(seq.blocks, seq.num_computed + n)
-            if new is None:
+            if self.blocks.allocate(seq.blocks, seq.num_computed + n) is None:
                 break  # wait for blocks; keep its prefix-cache hold, it is next in line
             self.waiting.popleft()
             if seq.admitted_at is None:  # first admission, not a recompute after preemption
@@ -73,20 +71,40 @@ class Scheduler:
                 seq.num_cached_prompt = seq.num_computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.append(ScheduledSeq(seq, n, new))
+            out.append(ScheduledSeq(seq, n))
             budget -= n
         for s in out:
             if s.seq.num_computed < len(s.seq.prompt_ids):
                 self.stats.prefill_tokens_computed += min(s.num_tokens, len(s.seq.prompt_ids) - s.seq.num_computed)
         return out
 
-    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> list[int] | None:
-        while (new := self.blocks.allocate(seq.blocks, num_tokens)) is None:
+    def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow `seq` to `num_tokens`, preempting the newest sequences as needed; False
+        when `seq` itself had to go."""
+        while self.blocks.allocate(seq.blocks, num_tokens) is None:
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
-                return None
-        return new
+                return False
+        return True
+
+    def update(self, batch: list[ScheduledSeq], tokens: list[SampledToken]) -> list[tuple[Sequence, SampledToken]]:
+        """Account for a step that ran: its tokens are in the KV cache now, full blocks enter
+        the prefix cache. Returns the sequences that sampled a token (prompt chunks short of
+        the prompt's end sample none) with that token, minus those aborted meanwhile."""
+        sampled = iter(tokens)
+        out = []
+        for s in batch:
+            seq = s.seq
+            seq.num_computed += s.num_tokens
+            if seq.num_computed < seq.num_tokens:
+                continue
+            token = next(sampled)
+            if seq.is_finished:
+                continue
+            self.blocks.register_full_blocks(seq.blocks, seq.tokens, seq.num_computed)
+            out.append((seq, token))
+        return out
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

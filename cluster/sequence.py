@@ -3,8 +3,8 @@
 import enum
 from dataclasses import dataclass, field
 
+from actors.sampling_params import SamplingParams
 from cluster.kv_blocks import SeqBlocks
-from cluster.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.config import TensorfleetConfig
-from cluster.replica import build_executor, load_tokenizer, worker_spec
+from cluster.replica import build_executor, load_tokenizer, plan_replica
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -50,11 +50,11 @@ def verify_prompts(model_dir: Path, vocab_size: int, log: Callable[[str], None])
 
 def verify(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> VerifyResult:
     start = time.perf_counter()
-    spec = worker_spec(cfg)
+    plan, spec = plan_replica(cfg)
     model_dir = Path(spec.model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = verify_prompts(model_dir, reference.config.vocab_size, log)
-    executor = build_executor(cfg, spec, log)
+    executor = build_executor(cfg, plan, spec, log)
     try:
         got = executor.prompt_logits(prompts)
     finally:
@@ -64,7 +64,7 @@ def verify(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Verify
         for prompt, logits in zip(prompts, got):
             want = reference(torch.tensor([prompt])).logits[0]
             errors.append(float((logits.float() - want).abs().max() / want.abs().max()))
-    layout = f"tp={spec.tp} x pp={spec.pp}" + (f" layers {spec.layer_partition}" if spec.layer_partition else "")
+    layout = f"tp={spec.tp} x pp={spec.pp}" + (f" layers {spec.layer_partition}" if spec.pp > 1 else "")
     return VerifyResult(layout, spec.dtype, errors, TOLERANCE[spec.dtype], time.perf_counter() - start)
 
 

@@ -15,10 +15,18 @@ from functools import cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from actors.sampling_params import SamplingParams
+from actors.step_io import RankStats
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineOverloadedError
-from cluster.outputs import CompletionDelta, RequestOutput, TokenLogprob, Usage
-from cluster.sampling_params import SamplingParams
+from cluster.engine_client import (
+    CompletionDelta,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStats,
+    RequestOutput,
+    TokenLogprob,
+    Usage,
+)
 
 CORPUS = [
     "Hello world, this is a test of the tensorfleet serving cluster.",
@@ -88,6 +96,7 @@ class FakeEngine:
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
         self.tokenizer = byte_level_tokenizer()
+        self.vocab_size = len(self.tokenizer)
         self.reply_words = reply.split(" ")
         self.step_delay_s = step_delay_s
         self.dead = False  # check_health and generate fail at once
@@ -95,6 +104,7 @@ class FakeEngine:
         self.fail_after_steps: int | None = None  # EngineDeadError after this many steps
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: set[str] = set()
+        self.draining = False
 
     def reply_ids(self, rotation: int) -> list[int]:
         r = rotation % len(self.reply_words)
@@ -177,3 +187,16 @@ class FakeEngine:
     async def check_health(self) -> None:
         if self.dead:
             raise EngineDeadError("fake engine is dead")
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(running=0, waiting=0, kv_blocks=0, kv_blocks_free=0, restarts=0,
+                           healthy=not self.dead, gave_up=False, draining=self.draining)
+
+    async def rank_stats(self) -> list[RankStats]:
+        return []
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def shutdown(self) -> None:
+        self.dead = True

@@ -12,7 +12,7 @@ import uvicorn
 from ray import serve
 
 from cluster.config import TensorfleetConfig
-from deploy.app import deployment_for
+from deploy.server.app import deployment_for
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from deploy.api import build_api
+from deploy.server.api import build_api
 from tests.fake_engine import FakeEngine, metaspace_tokenizer
 from tests.servers import uvicorn_server
 

@@ -16,10 +16,10 @@ from schemathesis import GenerationMode
 from starlette.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.worker import WorkerSpec
 from cluster.engine import Engine, EngineLimits
 from cluster.executor import InProcessExecutor
-from deploy.api import build_api
+from deploy.server.api import build_api
+from tests.tiny_models import worker_spec
 
 MODEL = "fuzzed"
 # examples per operation and generation mode: completions and chat get most of them
@@ -30,11 +30,11 @@ MAX_MODEL_LEN = 128
 
 @pytest.fixture(scope="module")
 def app(chat_model_dir):
-    spec = WorkerSpec(str(chat_model_dir), 1, 1, None, "float32", "cpu", max_model_len=MAX_MODEL_LEN, block_size=16)
-    executor = InProcessExecutor(spec, 64, memory_utilization=0.9, max_blocks=64)
+    spec = worker_spec(chat_model_dir, max_model_len=MAX_MODEL_LEN, block_size=16)
+    executor = InProcessExecutor(spec, 64)
     tok = AutoTokenizer.from_pretrained(chat_model_dir)
     engine = Engine(executor, EngineLimits(MAX_MODEL_LEN, 8, 256, 16, True, 64), model_name=MODEL,
-                    tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
+                    vocab_size=executor.worker.spec.shape.vocab_size, tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
     yield build_api(engine, served_model_name=MODEL, max_body_bytes=64 * 1024)
     engine.shutdown()
 

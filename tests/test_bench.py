@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.api import build_api
-from deploy.bench_hf import run_static
-from deploy.bench_stats import RequestRecord, percentile, summarize
-from deploy.bench_workload import WorkloadSpec, arrival_offsets, make_workload
-from deploy.cli import main
+from deploy.bench.hf import run_static
+from deploy.bench.stats import RequestRecord, percentile, summarize
+from deploy.bench.workload import WorkloadSpec, arrival_offsets, make_workload
+from deploy.cli.main import main
+from deploy.server.api import build_api
 from tests.fake_engine import FakeEngine
 from tests.servers import uvicorn_server
 
@@ -112,7 +112,7 @@ def test_offline_bench_tp1_runs_without_ray(tiny_llama_dir, tmp_path):
     assert_ordered(result)
 
 
-# Runs `deploy.bench_decode` in a fresh interpreter where `import ray` fails, as on a GPU
+# Runs `deploy.bench.decode` in a fresh interpreter where `import ray` fails, as on a GPU
 # machine without Ray.
 WITHOUT_RAY = """
 import importlib.abc, sys
@@ -121,7 +121,7 @@ class NoRay(importlib.abc.MetaPathFinder):
         if name == "ray" or name.startswith("ray."):
             raise ImportError("ray is not installed here")
 sys.meta_path.insert(0, NoRay())
-from deploy.bench_decode import main
+from deploy.bench.decode import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -192,8 +192,8 @@ def test_hf_static_batching_times_each_request_to_its_own_last_token(tiny_llama_
 
 @pytest.mark.slow
 def test_hf_tp_plan_auto_shards_and_matches_one_process(tiny_llama_dir, tmp_path):
-    from deploy.bench_compare import check_hf_tp, run_hf_tp
-    from deploy.bench_hf import check_tokens
+    from deploy.bench.compare import check_hf_tp, run_hf_tp
+    from deploy.bench.hf import check_tokens
 
     path, hf = tiny_llama_dir
     work = make_workload(WorkloadSpec(4, (4, 12), (2, 6), seed=2, vocab_size=1000))
@@ -206,7 +206,7 @@ def test_hf_tp_plan_auto_shards_and_matches_one_process(tiny_llama_dir, tmp_path
 
 
 def test_side_by_side_report(tmp_path):
-    from deploy.bench_report import draw_chart, format_table, ratios
+    from deploy.bench.report import draw_chart, format_table, ratios
 
     def run(label: str, tok_s: float) -> dict:
         rec = RequestRecord(8, 4, start=0.0, chunk_times=[0.5, 0.6, 0.7, 0.8], output_tokens=4)
@@ -224,7 +224,7 @@ def test_side_by_side_report(tmp_path):
 
 
 def test_each_system_reports_its_median_round_with_every_round():
-    from deploy.bench_compare import median_run
+    from deploy.bench.compare import median_run
 
     runs = [{"output_tok_s": t, "round": i} for i, t in enumerate([120.0, 100.0, 140.0])]
     assert median_run(runs) == {"output_tok_s": 120.0, "round": 0, "tok_s_of_runs": [120.0, 100.0, 140.0]}

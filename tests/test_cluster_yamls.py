@@ -108,7 +108,7 @@ def test_on_premises_yaml_starts_ray_explicitly():
 def test_serve_config_is_a_valid_serve_deploy_file():
     schema = ServeDeploySchema.model_validate(load("serve.yaml"))
     (app,) = schema.applications
-    assert app.import_path == "deploy.app:build_app"
+    assert app.import_path == "deploy.server.app:build_app"
     assert schema.http_options.host == "127.0.0.1"
     # The config it names (on the cluster, under ~/tensorfleet) is one of the shipped ones.
     shipped = Path(app.args["config"]).relative_to("/home/ubuntu/tensorfleet")

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from grafana_client import GrafanaApi
 
-from deploy.cli import main
-from deploy.dashboards import (
+from deploy.cli.main import main
+from deploy.grafana.dashboards import (
     DASHBOARDS_DIR,
     dashboard_files,
     dashboard_queries,
@@ -24,7 +24,7 @@ from deploy.dashboards import (
     load_dashboard,
     render_query,
 )
-from deploy.grafana_push import DATASOURCE_UID, FOLDER_UID, GrafanaPushError, push
+from deploy.grafana.push import DATASOURCE_UID, FOLDER_UID, GrafanaPushError, push
 from tests.fake_grafana import FakeGrafana
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,15 +2,16 @@
 caching, sampling and aborts, checked against Hugging Face generate on each prompt alone."""
 
 import asyncio
+import itertools
 
 import pytest
 import torch
 
-from actors.worker import WorkerSpec
+from actors.sampling_params import ParamError, SamplingParams
 from cluster.engine import Engine, EngineLimits
+from cluster.engine_client import RequestOutput
 from cluster.executor import InProcessExecutor
-from cluster.sampling_params import ParamError, SamplingParams
-from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny
+from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny, worker_spec
 
 BLOCK = 8
 
@@ -22,20 +23,32 @@ def tiny(tmp_path_factory):
 
 
 def make_engine(path, *, num_blocks=256, max_num_seqs=16, max_tokens_per_step=128, prefix_caching=True) -> Engine:
-    spec = WorkerSpec(str(path), 1, 1, None, "float32", "cpu", max_model_len=256, block_size=BLOCK)
-    executor = InProcessExecutor(spec, num_blocks, memory_utilization=0.9, max_blocks=num_blocks)
+    executor = InProcessExecutor(worker_spec(path, block_size=BLOCK), num_blocks)
     limits = EngineLimits(256, max_num_seqs, max_tokens_per_step, BLOCK, prefix_caching)
-    return Engine(executor, limits, model_name="tiny", eos_token_ids=(2,))
+    return Engine(executor, limits, model_name="tiny", vocab_size=1000, eos_token_ids=(2,))
+
+
+def steps(engine: Engine, count: int | None = None) -> list[RequestOutput]:
+    """Run `count` engine steps (None: until no work is left), the loop's own `step()`."""
+
+    async def run() -> list[RequestOutput]:
+        outputs = []
+        for _ in itertools.count() if count is None else range(count):
+            if count is None and not engine.scheduler.has_work():
+                break
+            outputs += await engine.step()
+        return outputs
+
+    return asyncio.run(run())
 
 
 def run_all(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(p.n)] for rid, (_, p) in requests.items()}
-    while engine.scheduler.has_work():
-        for out in engine.step():
-            for d in out.deltas:
-                tokens[out.request_id][d.index] += d.token_ids
+    for out in steps(engine):
+        for d in out.deltas:
+            tokens[out.request_id][d.index] += d.token_ids
     return {rid: t[0] if len(t) == 1 else t for rid, t in tokens.items()}
 
 
@@ -97,7 +110,7 @@ def test_n_completions_and_logprobs(tiny):
     prompt = random_prompts(1000, [10], seed=13)[0]
     engine = make_engine(path)
     engine.add_request("g", prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3))
-    deltas = [d for _ in range(8) for out in engine.step() for d in out.deltas]
+    deltas = [d for out in steps(engine, 8) for d in out.deltas]
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
     first = deltas[0].logprobs[0]
@@ -131,8 +144,7 @@ def test_abort_frees_every_block(tiny):
     engine = make_engine(path)
     for rid, (p, params) in mixed_requests(1000, 6).items():
         engine.add_request(rid, p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-    for _ in range(3):
-        engine.step()
+    steps(engine, 3)
     assert engine.blocks.num_free < engine.blocks.num_blocks
     for rid in list(engine.requests):
         engine.abort_request(rid)

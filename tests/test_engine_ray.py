@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
+from actors.sampling_params import SamplingParams
 from cluster.config import TensorfleetConfig
 from cluster.replica import build_engine
-from cluster.sampling_params import SamplingParams
 from tests.test_engine import mixed_requests
 from tests.tiny_models import hf_greedy
 

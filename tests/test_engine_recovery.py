@@ -7,13 +7,12 @@ import asyncio
 
 import pytest
 
+from actors.sampling_params import SamplingParams
 from actors.step_io import StepInput, StepOutput
-from actors.worker import WorkerSpec
 from cluster.engine import Engine, EngineLimits
 from cluster.engine_client import EngineDeadError, EngineOverloadedError
 from cluster.executor import InProcessExecutor
-from cluster.sampling_params import SamplingParams
-from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny
+from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny, worker_spec
 
 BLOCK = 8
 
@@ -28,8 +27,7 @@ class BreakingExecutor(InProcessExecutor):
     """A real in-process executor whose worker 'dies' at step `fail_at`."""
 
     def __init__(self, path, fail_at: int | None):
-        spec = WorkerSpec(str(path), 1, 1, None, "float32", "cpu", max_model_len=256, block_size=BLOCK)
-        super().__init__(spec, 64, memory_utilization=0.9, max_blocks=64)
+        super().__init__(worker_spec(path, block_size=BLOCK), 64)
         self.fail_at, self.steps, self.shut_down = fail_at, 0, False
 
     def execute(self, step: StepInput) -> StepOutput:
@@ -51,7 +49,7 @@ def engine_with(path, first: BreakingExecutor, *, rebuild: bool, max_waiting: in
         return built[-1]
 
     limits = EngineLimits(256, 4, 128, BLOCK, True, max_waiting)
-    return Engine(first, limits, model_name="tiny", eos_token_ids=(2,),
+    return Engine(first, limits, model_name="tiny", vocab_size=1000, eos_token_ids=(2,),
                   rebuild=rebuild_executor if rebuild else None), built
 
 
@@ -104,7 +102,7 @@ async def test_full_queue_refuses_and_keeps_what_it_accepted(tiny):
         engine.add_request("one-too-many", prompts[0], SamplingParams(max_tokens=4))
     outputs: dict[str, list[int]] = {}
     while engine.scheduler.has_work():
-        for out in engine.step():
+        for out in await engine.step():
             outputs.setdefault(out.request_id, []).extend(t for d in out.deltas for t in d.token_ids)
     assert outputs == {f"r{i}": hf_greedy(hf, p, 4) for i, p in enumerate(prompts)}
     engine.shutdown()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cli import main
+from deploy.cli.main import main
 from tests.test_plan import table_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,13 +8,22 @@ from safetensors.torch import load_file, save_file
 from actors.attention import build_attention_metadata
 from actors.comm import ParallelContext, PipelineEdges, TPGroup
 from actors.loader import CheckpointError, load_checkpoint
-from actors.models.llama import LlamaStage, UnsupportedModelError
+from actors.model_shape import UnsupportedModelError
+from actors.models.llama import LlamaStage
 from actors.sharding import ShardingError
-from tests.tiny_models import hf_prompt_logits, llama_config, max_rel_error, mistral_config, random_prompts, save_tiny
+from tests.tiny_models import (
+    hf_prompt_logits,
+    llama_config,
+    max_rel_error,
+    mistral_config,
+    random_prompts,
+    save_tiny,
+    tiny_shape,
+)
 
 
 def single_rank_logits(cfg, path, prompts, dtype=torch.float32):
-    model = LlamaStage(cfg, ParallelContext.single(), range(cfg.num_hidden_layers), dtype)
+    model = LlamaStage(tiny_shape(cfg), ParallelContext.single(), range(cfg.num_hidden_layers), dtype)
     load_checkpoint(model, path)
     for layer in model.model.layers.values():
         a = layer.self_attn.attn
@@ -61,44 +70,44 @@ def test_missing_tensor_is_named(tmp_path):
     del tensors["model.layers.3.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
-        load_checkpoint(LlamaStage(cfg, ParallelContext.single(), range(5), torch.float32), tmp_path)
+        load_checkpoint(LlamaStage(tiny_shape(cfg), ParallelContext.single(), range(5), torch.float32), tmp_path)
 
 
 def test_wrong_shape_names_tensor_and_shapes(tmp_path):
     save_tiny(llama_config(), tmp_path)
     wrong = llama_config(intermediate_size=96)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight.*expected shape \((96, 64|64, 96)\), got \((128, 64|64, 128)\)"):
-        load_checkpoint(LlamaStage(wrong, ParallelContext.single(), range(5), torch.float32), tmp_path)
+        load_checkpoint(LlamaStage(tiny_shape(wrong), ParallelContext.single(), range(5), torch.float32), tmp_path)
 
 
 def test_no_weights_in_directory(tmp_path):
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        load_checkpoint(LlamaStage(llama_config(), ParallelContext.single(), range(5), torch.float32), tmp_path)
+        load_checkpoint(LlamaStage(tiny_shape(llama_config()), ParallelContext.single(), range(5), torch.float32), tmp_path)
 
 
 def test_unsupported_architecture():
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        LlamaStage(llama_config(architectures=["GPT2LMHeadModel"]), ParallelContext.single(), range(5), torch.float32)
+        tiny_shape(llama_config(architectures=["GPT2LMHeadModel"]))
 
 
 def test_sliding_window_refused_clearly():
-    cfg = mistral_config(sliding_window=128)
     with pytest.raises(UnsupportedModelError, match="sliding_window=128"):
-        LlamaStage(cfg, ParallelContext.single(), range(3), torch.float32)
+        tiny_shape(mistral_config(sliding_window=128))
 
 
 def test_tp_that_does_not_fit_the_heads_lists_valid_sizes():
     tp3 = TPGroup(size=3, rank=0)  # fails before any collective is needed
     ctx = ParallelContext(3, 1, 0, tp3, PipelineEdges(None, None, tp3.stats))
     with pytest.raises(ShardingError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=8; use one of 1, 2, 4, 8"):
-        LlamaStage(llama_config(), ctx, range(5), torch.float32)
+        LlamaStage(tiny_shape(llama_config()), ctx, range(5), torch.float32)
 
 
 def test_kv_heads_neither_split_nor_replicated():
     tp4 = TPGroup(size=4, rank=0)
     ctx = ParallelContext(4, 1, 0, tp4, PipelineEdges(None, None, tp4.stats))
     with pytest.raises(ShardingError, match="num_key_value_heads=3"):
-        LlamaStage(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3), ctx, range(5), torch.float32)
+        LlamaStage(tiny_shape(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3)), ctx,
+                   range(5), torch.float32)
 
 
 def test_llama_with_attention_and_mlp_bias(tmp_path):

@@ -17,9 +17,9 @@ import pytest
 import ray
 from ray import serve
 
-from deploy.dashboards import dashboard_files, dashboard_queries, render_query
-from tests.test_dashboards import CATALOGUE
+from deploy.grafana.dashboards import dashboard_files, dashboard_queries, render_query
 from tests.servers import TINY_MODEL, free_port, serve_tiny_2x2
+from tests.test_dashboards import CATALOGUE
 
 pytestmark = [
     pytest.mark.slow,
@@ -119,16 +119,16 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
     print(f"\nworkload answers by status: {codes}")
     assert codes.get("429", 0) > 0 and codes.get("200", 0) > 0
     # a worker dies mid-stream: a failed request, a rebuild
-    stats = await serve.get_app_handle("tensorfleet").engine_stats.remote()
+    stats = await serve.get_app_handle("tensorfleet").stats.remote()
     async with httpx.AsyncClient(timeout=30) as http:
         async with http.stream("POST", f"{server}/v1/completions", json={
                 "model": MODEL, "prompt": "def h():\n", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             lines = aiter(r.aiter_lines())
             await anext(lines)
-            os.kill(stats["worker_pids"][0], signal.SIGKILL)
+            os.kill(stats.worker_pids[0], signal.SIGKILL)
             assert any(['"error"' in line async for line in lines])
         deadline = time.monotonic() + 120
-        while (await serve.get_app_handle("tensorfleet").engine_stats.remote())["restarts"] == stats["restarts"]:
+        while (await serve.get_app_handle("tensorfleet").stats.remote()).restarts == stats.restarts:
             assert time.monotonic() < deadline, "the replica did not rebuild its workers"
             await asyncio.sleep(0.5)
         r = await http.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "y = 2\n", "max_tokens": 8})

@@ -13,6 +13,7 @@ from tests.tiny_models import (
     qwen2_config,
     random_prompts,
     save_tiny,
+    worker_spec,
 )
 
 CONFIGS = {"llama": llama_config, "qwen2": qwen2_config, "mistral": mistral_config}
@@ -40,7 +41,7 @@ def checkpoints(tmp_path_factory):
 
 
 def spec_for(path, tp, pp, partition) -> WorkerSpec:
-    return WorkerSpec(str(path), tp, pp, partition, "float32", "cpu", max_model_len=128, block_size=8)
+    return worker_spec(path, tp, pp, partition, max_model_len=128)
 
 
 @pytest.mark.parametrize("name,tp,pp,partition", LAYOUTS, ids=lambda v: str(v))

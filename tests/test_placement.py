@@ -13,7 +13,7 @@ import torch.distributed as dist
 from cluster.config import TensorfleetConfig
 from cluster.placement import PlacementError, WorkerGroup, place_workers, rendezvous_address
 from cluster.plan import PlanError
-from cluster.replica import worker_spec
+from cluster.replica import plan_replica
 from cluster.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -158,7 +158,7 @@ def config(path, tp, pp, partition=None) -> TensorfleetConfig:
 
 def test_tp4_refused_by_planner_on_2_gpu_nodes(ray_cluster_2x2, tiny_llama_dir):
     with pytest.raises(PlanError, match="tensor_parallel_size=4.*2 GPUs per node"):
-        worker_spec(config(tiny_llama_dir[0], 4, 1))
+        plan_replica(config(tiny_llama_dir[0], 4, 1))
 
 
 @pytest.mark.parametrize("tp,pp,partition", [(2, 2, [3, 2]), (1, 3, [1, 3, 1])], ids=["tp2xpp2", "pp3-uneven"])

@@ -6,14 +6,17 @@ planner's own helpers.
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from cluster.config import EngineConfig, ModelShape, ParallelConfig
+from actors.model_shape import ModelShape
+from cluster.config import EngineConfig, ParallelConfig
 from cluster.plan import ClusterSpec, PlanError, make_plan
-from deploy.cli import main, parse_size
+from deploy.cli.main import main
+from deploy.cli.plan import parse_size
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "model_configs"
 GiB = 2**30
@@ -58,6 +61,8 @@ def test_tp_larger_than_a_node_is_refused():
 
 
 def test_layer_partition_and_pp_errors():
+    msg = plan_error(pp=2, partition=[10, 11, 11])
+    assert msg.startswith("parallel.layer_partition:") and "pipeline_parallel_size=2 entries" in msg
     msg = plan_error(pp=2, partition=[16, 15])
     assert msg.startswith("parallel.layer_partition:") and "num_hidden_layers=32" in msg
     small = dataclasses.replace(LLAMA_8B, num_hidden_layers=2)
@@ -97,21 +102,32 @@ def test_no_room_for_one_sequence():
 
 
 def test_num_kv_blocks_given():
-    roomy = plan()
     p = plan(num_kv_blocks=1000)
     assert p.num_kv_blocks == 1000 and p.num_kv_blocks_given
     assert p.rank(0, 0).kv_cache_bytes == 1000 * p.rank(0, 0).kv_block_bytes
-    msg = plan_error(num_kv_blocks=roomy.num_kv_blocks + 1)
-    assert msg.startswith("engine.num_kv_blocks:") and f"at most {roomy.num_kv_blocks}" in msg
+    msg = plan_error(num_kv_blocks=10**6)
+    assert msg.startswith("engine.num_kv_blocks:")
+    room = int(re.search(r"at most (\d+) fit", msg)[1])
+    r = plan(num_kv_blocks=room).rank(0, 0)
+    assert r.total_bytes <= int(80 * GiB * 0.9) < r.total_bytes + r.kv_block_bytes
+    assert plan_error(num_kv_blocks=room + 1).startswith("engine.num_kv_blocks:")
     msg = plan_error(num_kv_blocks=127)  # 2048 / 16 = 128 blocks per sequence
     assert msg.startswith("engine.num_kv_blocks:")
+
+
+def test_sized_kv_cache_is_capped_at_what_the_sequences_can_use():
+    p = plan(max_num_seqs=4, max_model_len=1024)
+    assert p.num_kv_blocks == 4 * 1024 // 16
+    assert plan(max_num_seqs=8, max_model_len=1024).num_kv_blocks == 2 * p.num_kv_blocks
 
 
 # --- accounting ---------------------------------------------------------------------------
 
 
 def test_sized_kv_cache_fills_the_budget_on_the_tightest_gpu():
-    p = plan(shape=LLAMA_70B, tp=8, pp=2, cluster=ClusterSpec(2, 8, 80 * GiB))
+    # enough sequences that memory, not max_num_seqs x max_model_len, bounds the cache
+    p = plan(shape=LLAMA_70B, tp=8, pp=2, cluster=ClusterSpec(2, 8, 80 * GiB),
+             max_num_seqs=512, max_model_len=8192)
     budget = int(80 * GiB * 0.9)
     used = [r.weight_bytes + r.activation_bytes for r in p.ranks]
     assert all(u + p.num_kv_blocks * r.kv_block_bytes <= budget for u, r in zip(used, p.ranks))

@@ -14,6 +14,7 @@ import pytest
 import ray
 from ray import serve
 
+from cluster.engine_client import EngineStats
 from tests.servers import TINY_MODEL, serve_tiny_2x2
 from tests.test_serve import hf_greedy_text, reference  # noqa: F401 - fixture
 
@@ -31,8 +32,8 @@ def server(ray_cluster_2x2, chat_model_dir):
         yield url
 
 
-async def engine_stats() -> dict:
-    return await serve.get_app_handle("tensorfleet").engine_stats.remote()
+async def engine_stats() -> EngineStats:
+    return await serve.get_app_handle("tensorfleet").stats.remote()
 
 
 async def stream_until_error(http: httpx.AsyncClient, url: str, started: asyncio.Event) -> tuple[str, float]:
@@ -72,8 +73,8 @@ def live_workers_and_groups() -> tuple[int, int]:
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stuck"])
 async def test_failed_worker_fails_streams_fast_and_replica_heals(server, reference, signum):  # noqa: F811
     before = await engine_stats()
-    assert before["healthy"] and live_workers_and_groups() == (4, 2)
-    victim = before["worker_pids"][-1]  # the last stage's TP rank 1
+    assert before.healthy and live_workers_and_groups() == (4, 2)
+    victim = before.worker_pids[-1]  # the last stage's TP rank 1
     async with httpx.AsyncClient(timeout=60) as http:
         started = [asyncio.Event() for _ in range(4)]
         streams = [asyncio.create_task(stream_until_error(http, server, s)) for s in started]
@@ -97,9 +98,9 @@ async def test_failed_worker_fails_streams_fast_and_replica_heals(server, refere
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == hf_greedy_text(reference, reference[1].encode(prompt), 16)
     after = await engine_stats()
-    assert after["restarts"] == before["restarts"] + 1
-    assert after["kv_blocks_free"] == after["kv_blocks"]  # nothing held by the failed requests
-    assert victim not in after["worker_pids"]
+    assert after.restarts == before.restarts + 1
+    assert after.kv_blocks_free == after.kv_blocks  # nothing held by the failed requests
+    assert victim not in after.worker_pids
     assert live_workers_and_groups() == (4, 2)  # the old actors and placement groups are gone
     if signum == signal.SIGSTOP:
         with pytest.raises(ProcessLookupError):  # the stuck process was killed, not left stopped
@@ -118,7 +119,7 @@ async def test_full_queue_answers_429_with_retry_after(server):
         # step admits anything, and then only the waiting queue's 8 would be served.
         running = [asyncio.create_task(one(http)) for _ in range(8)]
         deadline = time.monotonic() + 30
-        while (await engine_stats())["running"] < 8 and time.monotonic() < deadline:
+        while (await engine_stats()).running < 8 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         replies = await asyncio.gather(*(one(http) for _ in range(32))) + await asyncio.gather(*running)
     codes = [r.status_code for r in replies]
@@ -129,7 +130,7 @@ async def test_full_queue_answers_429_with_retry_after(server):
     assert all(r.headers["Retry-After"] == "1" for r in refused)
     assert all(r.json()["error"]["code"] == "engine_overloaded" for r in refused)
     assert all(r.json()["usage"]["completion_tokens"] == 48 for r in replies if r.status_code == 200)
-    assert (await engine_stats())["waiting"] == 0
+    assert (await engine_stats()).waiting == 0
 
 
 async def test_100_streaming_clients_for_60_s_lose_nothing(server):
@@ -170,4 +171,4 @@ async def test_100_streaming_clients_for_60_s_lose_nothing(server):
     assert tally["completed"] + tally["refused"] == tally["tried"]
     assert tally["completed"] >= 100
     stats = await engine_stats()
-    assert stats["running"] == stats["waiting"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks"]
+    assert stats.running == stats.waiting == 0 and stats.kv_blocks_free == stats.kv_blocks

@@ -114,12 +114,12 @@ async def test_32_concurrent_streams_complete_and_disconnects_do_no_harm(server,
     # their requests must be aborted and every KV block back in the free pool within 3 s
     handle = serve.get_app_handle("tensorfleet")
     for _ in range(15):
-        stats = await handle.engine_stats.remote()
-        if stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks"]:
+        stats = await handle.stats.remote()
+        if stats.running == 0 and stats.kv_blocks_free == stats.kv_blocks:
             break
         await asyncio.sleep(0.2)
-    assert stats["running"] == 0 and stats["waiting"] == 0, stats
-    assert stats["kv_blocks_free"] == stats["kv_blocks"], stats
+    assert stats.running == 0 and stats.waiting == 0, stats
+    assert stats.kv_blocks_free == stats.kv_blocks, stats
     tok = reference[1]
     for prompt, text in list(zip(prompts, texts))[:4]:
         assert text == hf_greedy_text(reference, tok.encode(prompt), 12)

@@ -16,6 +16,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from actors.model_shape import ModelShape
+from actors.worker import WorkerSpec
+
 COMMON = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-5)
 
 
@@ -59,6 +62,18 @@ def save_tiny(config, directory: Path, seed: int = 0):
     model = build_hf_model(config, seed)
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | None = None, *,
+                max_model_len: int = 256, block_size: int = 8, dtype: str = "float32") -> WorkerSpec:
+    """What a CPU worker of a tiny checkpoint at `path` needs, as a replica would say it."""
+    return WorkerSpec(str(path), ModelShape.from_dir(path), tp, pp, partition, dtype, "cpu",
+                      max_model_len=max_model_len, block_size=block_size)
+
+
+def tiny_shape(config) -> ModelShape:
+    """A Hugging Face config object as the shape a worker builds from."""
+    return ModelShape.from_dict(config.to_dict())
 
 
 def random_prompts(vocab_size: int, lengths: list[int], seed: int = 1) -> list[list[int]]:

@@ -8,11 +8,9 @@ Per decoder layer, on each TP rank:
     x' = x + a + m
 The first stage owns the vocab-parallel embedding, the last the final norm and LM head;
 between stages the hidden state (residual added in) travels over the PP edge.
-The model knows nothing about Ray: a worker builds it with its ParallelContext.
+The model knows nothing about Ray: a worker builds it from the `ModelShape` and its
+ParallelContext.
 """
-
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,10 +25,9 @@ from actors.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from actors.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from actors.model_shape import ModelShape
+from actors.rotary import RotaryEmbedding, apply_rotary
 from actors.sharding import head_shard
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 # checkpoint projection -> (fused parameter, shard id)
 FUSED_PROJECTIONS = {
@@ -42,57 +39,16 @@ FUSED_PROJECTIONS = {
 }
 
 
-class UnsupportedModelError(ValueError):
-    pass
-
-
-def check_supported(hf_config: Any) -> str:
-    """The architecture name, or a clear error for what this decoder cannot run."""
-    archs = getattr(hf_config, "architectures", None) or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise UnsupportedModelError(
-            f"config.json architectures={archs} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    window = getattr(hf_config, "sliding_window", None)
-    uses_window = getattr(hf_config, "use_sliding_window", arch == "MistralForCausalLM")
-    if uses_window and window is not None and window < hf_config.max_position_embeddings:
-        raise UnsupportedModelError(
-            f"config.json sliding_window={window} < max_position_embeddings="
-            f"{hf_config.max_position_embeddings}: sliding-window attention is not supported yet; "
-            f"set sliding_window to null (exact for sequences up to {window} tokens)"
-        )
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"config.json hidden_act={hf_config.hidden_act!r}: only 'silu' is supported")
-    return arch
-
-
-@dataclass(frozen=True)
-class Biases:
-    """Which projections carry a bias: Qwen2 has q/k/v bias only; HF Llama's
-    attention_bias covers q/k/v and o_proj, its mlp_bias the MLP."""
-
-    qkv: bool
-    o: bool
-    mlp: bool
-
-    @classmethod
-    def of(cls, cfg: Any, arch: str) -> "Biases":
-        attention = getattr(cfg, "attention_bias", False)
-        return cls(arch == "Qwen2ForCausalLM" or attention, attention and arch != "Qwen2ForCausalLM",
-                   getattr(cfg, "mlp_bias", False))
-
-
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, head_dim: int, bias: Biases):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        shard = head_shard(cfg.num_attention_heads, kv_heads, ctx.tp_size, ctx.tp_rank)
+        heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+        shard = head_shard(heads, kv_heads, ctx.tp_size, ctx.tp_rank)
         self.q_size, self.kv_size = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, head_dim, cfg.num_attention_heads, kv_heads, shard, bias=bias.qkv, tp=ctx.tp, dtype=dtype
+            shape.hidden_size, head_dim, heads, kv_heads, shard, bias=shape.attention_bias, tp=ctx.tp, dtype=dtype
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=bias.o, tp=ctx.tp, dtype=dtype)
+        self.o_proj = RowParallelLinear(heads * head_dim, shape.hidden_size, bias=shape.o_proj_bias, tp=ctx.tp, dtype=dtype)
         self.attn = PagedAttention(shard.num_heads, shard.num_kv_heads, head_dim)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -103,11 +59,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, bias: bool):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias=bias, tp=ctx.tp, dtype=dtype)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=bias, tp=ctx.tp, dtype=dtype)
+        hidden, inter, bias = shape.hidden_size, shape.intermediate_size, shape.mlp_bias
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, tp=ctx.tp, dtype=dtype)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, tp=ctx.tp, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -115,12 +71,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, ctx: ParallelContext, dtype: torch.dtype, head_dim: int, bias: Biases):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, ctx, dtype, head_dim, bias)
-        self.mlp = LlamaMLP(cfg, ctx, dtype, bias.mlp)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(shape, ctx, dtype)
+        self.mlp = LlamaMLP(shape, ctx, dtype)
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
 
     def forward(self, x, residual, rope, meta):
         h, residual = self.input_layernorm(x, residual)
@@ -138,24 +94,20 @@ class LlamaStage(nn.Module):
 
     fused_projections = FUSED_PROJECTIONS
 
-    def __init__(self, cfg: Any, ctx: ParallelContext, layers: range, dtype: torch.dtype, max_positions: int | None = None):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, layers: range, dtype: torch.dtype,
+                 max_positions: int | None = None):
         super().__init__()
-        arch = check_supported(cfg)
-        self.cfg, self.ctx, self.layer_range = cfg, ctx, layers
-        max_positions = max_positions or cfg.max_position_embeddings
-        bias = Biases.of(cfg, arch)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(cfg))
+        self.shape, self.ctx, self.layer_range = shape, ctx, layers
+        hidden, vocab = shape.hidden_size, shape.vocab_size
+        self.rotary = RotaryEmbedding(shape.head_dim, max_positions or shape.max_position_embeddings, shape.rope)
         self.model = nn.Module()
         if ctx.is_first_stage:
-            self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, dtype=dtype)
-        self.model.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(cfg, ctx, dtype, head_dim, bias) for i in layers}
-        )
+            self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp=ctx.tp, dtype=dtype)
+        self.model.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(shape, ctx, dtype) for i in layers})
         if ctx.is_last_stage:
-            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-            tied = self.model.embed_tokens if cfg.tie_word_embeddings and ctx.is_first_stage else None
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, dtype=dtype, tied_to=tied)
+            self.model.norm = RMSNorm(hidden, shape.rms_norm_eps, dtype)
+            tied = self.model.embed_tokens if shape.tie_word_embeddings and ctx.is_first_stage else None
+            self.lm_head = ParallelLMHead(vocab, hidden, tp=ctx.tp, dtype=dtype, tied_to=tied)
 
     def forward(self, input_ids_or_hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Token ids [T] on the first stage, hidden states [T, hidden] on the others.
@@ -181,7 +133,7 @@ class LlamaStage(nn.Module):
         if name.startswith("model.layers."):
             in_stage = int(name.split(".")[2]) in self.layer_range
             return name if in_stage and "rotary_emb" not in name else None
-        tied = self.cfg.tie_word_embeddings
+        tied = self.shape.tie_word_embeddings
         if name == "model.embed_tokens.weight":
             # Tied weights: a last stage without the embedding loads its head from it.
             if tied and self.ctx.is_last_stage and not self.ctx.is_first_stage:

@@ -7,9 +7,9 @@ longest output. A streamer stamps every decode step, so each request's TTFT, int
 and end-to-end latency count up to its own last useful token (generous: a real static
 server answers when the whole batch is done); only the tokens asked for count as output.
 
-Under torchrun (what `deploy.bench_compare` launches):
+Under torchrun (what `deploy.bench.compare` launches):
 
-    torchrun --nproc-per-node 2 -m deploy.bench_hf --model DIR --workload SPEC.json \
+    torchrun --nproc-per-node 2 -m deploy.bench.hf --model DIR --workload SPEC.json \
         --batch-size 32 --out hf_tp.json
 
 each rank loads its shards (`DistributedConfig(tp_plan="auto")`, gloo on CPU, NCCL on
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from deploy.bench_stats import RequestRecord, summarize
-from deploy.bench_workload import Workload, WorkloadSpec, make_workload
+from deploy.bench.stats import RequestRecord, summarize
+from deploy.bench.workload import Workload, WorkloadSpec, make_workload
 
 CHECK_REQUESTS = 2  # requests whose greedy tokens the TP run reports, for the equality check
 CHECK_TOKENS = 16

@@ -8,34 +8,39 @@ is aborted if its client goes away first.
 """
 
 import asyncio
-import json
-import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from jinja2 import TemplateError
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
 
-from cluster.engine_client import EngineClient, EngineDeadError
-from cluster.outputs import CompletionDelta, RequestOutput, TokenLogprob, Usage
-from cluster.sampling_params import ParamError, SamplingParams
-from deploy.errors import APIError, RequestGuard, install_error_handlers, model_not_found, to_api_error
-from deploy.protocol import (
-    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage,
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    DetokenizeRequest, TokenizeRequest, UsageInfo, now,
+from actors.sampling_params import ParamError, SamplingParams
+from cluster.engine_client import CompletionDelta, EngineClient, EngineDeadError, RequestOutput, TokenLogprob
+from deploy.server.errors import APIError, RequestGuard, install_error_handlers, model_not_found
+from deploy.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    TokenizeRequest,
+    UsageInfo,
+    now,
 )
-
-logger = logging.getLogger(__name__)
+from deploy.server.streaming import collect, engine_outputs, stream_events, until_disconnect
 
 HEALTH_TIMEOUT_S = 10.0
-T = TypeVar("T")
 
 
 def build_api(
@@ -78,13 +83,13 @@ class _Frontend:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = self.tokenizer.encode(body.prompt)
+            prompt_ids = self._tokenizer("prompt").encode(body.prompt)
         else:
             prompt_ids = self._check_token_ids(body.prompt, "prompt")
         params = body.to_sampling_params()
         self._check_request(params, len(prompt_ids), "prompt", "max_tokens")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = _engine_outputs(self.engine, request_id, prompt_ids, params)
+        outputs = engine_outputs(self.engine, request_id, prompt_ids, params)
         k, created = params.logprobs, now()
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> BaseModel:
@@ -102,9 +107,9 @@ class _Frontend:
                                                   finish_reason=d.finish_reason)])
 
             usage_chunk = (lambda u: chunk([], UsageInfo.from_engine(u))) if body.include_usage else None
-            return await _stream(request, outputs, [], chunks, usage_chunk)
+            return await stream_events(request, outputs, [], chunks, usage_chunk)
 
-        results, usage = await _until_disconnect(request, _collect(outputs, params.n))
+        results, usage = await until_disconnect(request, collect(outputs, params.n))
         return _json(chunk(
             [CompletionChoice(index=i, text=r.text, logprobs=self._completion_logprobs(r.logprobs, k, 0),
                               finish_reason=r.finish_reason) for i, r in enumerate(results)],
@@ -117,7 +122,7 @@ class _Frontend:
         params = body.to_sampling_params(max_model_len=self.engine.max_model_len, prompt_len=len(prompt_ids))
         self._check_request(params, len(prompt_ids), "messages", body.max_tokens_field)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = _engine_outputs(self.engine, request_id, prompt_ids, params)
+        outputs = engine_outputs(self.engine, request_id, prompt_ids, params)
         k, created = params.logprobs, now()
 
         def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> BaseModel:
@@ -135,9 +140,9 @@ class _Frontend:
                                                  finish_reason=d.finish_reason)])
 
             usage_chunk = (lambda u: chunk([], UsageInfo.from_engine(u))) if body.include_usage else None
-            return await _stream(request, outputs, head, chunks, usage_chunk)
+            return await stream_events(request, outputs, head, chunks, usage_chunk)
 
-        results, usage = await _until_disconnect(request, _collect(outputs, params.n))
+        results, usage = await until_disconnect(request, collect(outputs, params.n))
         return _json(ChatCompletionResponse(
             id=request_id, created=created, model=self.model, usage=UsageInfo.from_engine(usage),
             choices=[ChatChoice(index=i, message=ChatResponseMessage(content=r.text),
@@ -162,19 +167,25 @@ class _Frontend:
         if body.messages is not None:
             tokens = self._chat_prompt_ids(body.messages)
         else:
-            tokens = self.tokenizer.encode(body.prompt)
+            tokens = self._tokenizer("prompt").encode(body.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.max_model_len}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
         self._check_model(body.model)
-        return {"prompt": self.tokenizer.decode(self._check_token_ids(body.tokens, "tokens"))}
+        tokenizer = self._tokenizer("tokens")
+        return {"prompt": tokenizer.decode(self._check_token_ids(body.tokens, "tokens"))}
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model:
             raise model_not_found(model, self.model)
 
+    def _tokenizer(self, param: str):
+        if self.tokenizer is None:
+            raise ParamError(param, "this model is served without a tokenizer; send token ids")
+        return self.tokenizer
+
     def _check_token_ids(self, ids: list[int], param: str) -> list[int]:
-        vocab = len(self.tokenizer)
+        vocab = self.engine.vocab_size
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ParamError(param, f"token ids must be in [0, {vocab}); got {bad[:5]}")
         return ids
@@ -195,20 +206,19 @@ class _Frontend:
             raise ParamError(max_tokens_field, exc.message) from exc
 
     def _chat_prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        tokenizer = self._tokenizer("messages")
+        if getattr(tokenizer, "chat_template", None) is None:
             raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions "
                                 "with a prompt instead", param="messages", code="no_chat_template")
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:
             raise ParamError("messages", f"the chat template rejected the conversation: {exc}") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template has the BOS
+        return tokenizer.encode(text, add_special_tokens=False)  # the template has the BOS
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
 
     def _completion_logprobs(self, lps: list[TokenLogprob] | None, k: int | None, offset: int
                              ) -> CompletionLogprobs | None:
@@ -225,124 +235,3 @@ def _json(model: BaseModel) -> Response:
 def _visible(deltas: list[CompletionDelta]) -> Iterator[CompletionDelta]:
     """Deltas worth a chunk: skip those whose text is all held back (and carry nothing else)."""
     return (d for d in deltas if d.text or d.finish_reason or d.logprobs)
-
-
-async def _engine_outputs(
-    engine: EngineClient, request_id: str, prompt_ids: list[int], params: SamplingParams
-) -> AsyncGenerator[RequestOutput, None]:
-    """The engine's outputs for one request; closing this early aborts the request."""
-    outputs = engine.generate(request_id, prompt_ids, params)
-    finished = False
-    try:
-        async for out in outputs:
-            finished = out.finished
-            yield out
-    finally:
-        if not finished:
-            await asyncio.shield(engine.abort(request_id))
-        if hasattr(outputs, "aclose"):
-            await outputs.aclose()
-
-
-@dataclass
-class _Result:
-    """One of the n completions, accumulated for a non-streaming answer."""
-
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-async def _collect(outputs: AsyncIterator[RequestOutput], n: int) -> tuple[list[_Result], Usage]:
-    results, usage = [_Result() for _ in range(n)], Usage(0, 0)
-    async for out in outputs:
-        usage = out.usage
-        for d in out.deltas:
-            r = results[d.index]
-            r.text += d.text
-            r.logprobs += d.logprobs or []
-            r.finish_reason = d.finish_reason or r.finish_reason
-    return results, usage
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`; if the client disconnects first, cancel it (aborting its engine request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (watcher, task):
-            t.cancel()
-        await asyncio.gather(watcher, task, return_exceptions=True)
-    if task.cancelled():
-        raise APIError(499, "The client closed the request", code="client_closed_request")
-    return task.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _stream(
-    request: Request,
-    outputs: AsyncGenerator[RequestOutput, None],
-    head: list[BaseModel],
-    chunks: Callable[[RequestOutput], Iterator[BaseModel]],
-    usage_chunk: Callable[[Usage], BaseModel] | None,
-) -> Response:
-    """Wait for the first output before answering, so that what fails at once (overloaded,
-    rejected by the engine) still gets its own HTTP status; then stream server-sent events."""
-    first = await _until_disconnect(request, anext(outputs))
-    return _EventStream(_sse_events(first, outputs, head, chunks, usage_chunk))
-
-
-async def _sse_events(
-    first: RequestOutput,
-    outputs: AsyncGenerator[RequestOutput, None],
-    head: list[BaseModel],
-    chunks: Callable[[RequestOutput], Iterator[BaseModel]],
-    usage_chunk: Callable[[Usage], BaseModel] | None,
-) -> AsyncIterator[str]:
-    """`data: {chunk}` events, the usage chunk last when asked for, then `data: [DONE]`.
-    A failure midway (the engine died) becomes an error event before [DONE]."""
-    try:
-        for chunk in head:
-            yield f"data: {chunk.model_dump_json()}\n\n"
-        out: RequestOutput | None = first
-        while out is not None:
-            for chunk in chunks(out):
-                yield f"data: {chunk.model_dump_json()}\n\n"
-            if out.finished and usage_chunk is not None:
-                yield f"data: {usage_chunk(out.usage).model_dump_json()}\n\n"
-            out = await anext(outputs, None)
-    except Exception as exc:  # noqa: BLE001 - whatever it was, the client gets an error event
-        error = to_api_error(exc)
-        logger.warning("stream failed with %d: %s", error.status, error.message)
-        yield f"data: {json.dumps(error.body())}\n\n"
-    finally:
-        await outputs.aclose()
-    yield "data: [DONE]\n\n"
-
-
-class _EventStream(StreamingResponse):
-    """A server-sent event stream that closes its event generator (so the engine request is
-    aborted) as soon as the client disconnects or the response task is cancelled, whatever
-    the server's ASGI version; Starlette alone may leave the generator suspended."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncIterator[str]):
-        super().__init__(events, headers={"Cache-Control": "no-cache"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streaming = asyncio.ensure_future(self.stream_response(send))
-        watcher = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait([streaming, watcher], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (watcher, streaming):
-                t.cancel()
-            await asyncio.gather(watcher, streaming, return_exceptions=True)
-            await self.body_iterator.aclose()

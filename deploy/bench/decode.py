@@ -1,7 +1,7 @@
 """Batch-1 decode speed against Hugging Face `generate` and the memory-bandwidth bound.
 
-    python -m deploy.bench_decode                                   # CPU: the 125M Llama, fp32
-    python -m deploy.bench_decode --size 1b --device cuda --dtype bfloat16
+    python -m deploy.bench.decode                                   # CPU: the 125M Llama, fp32
+    python -m deploy.bench.decode --size 1b --device cuda --dtype bfloat16
 
 At batch 1 each decode step reads every weight once (a short context's KV cache is small
 beside them), so no implementation beats
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from deploy.bench_hf import StepClock, greedy_generate
-from deploy.bench_workload import BENCH_MODEL, FIRST_PROMPT_ID, save_bench_model
+from deploy.bench.hf import StepClock, greedy_generate
+from deploy.bench.workload import BENCH_MODEL, FIRST_PROMPT_ID, save_bench_model
 
 # Model shapes, random weights: the CPU benchmark Llama, and a TinyLlama-1.1B-shaped one.
 SIZES = {
@@ -76,9 +76,9 @@ def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str
                      repeats: int) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and the time of each, `repeats` times, from one engine built in this
     process (after a warm-up run)."""
+    from actors.sampling_params import SamplingParams
     from cluster.config import TensorfleetConfig
     from cluster.replica import build_engine
-    from cluster.sampling_params import SamplingParams
 
     max_len = len(prompt) + new_tokens
     config = TensorfleetConfig.model_validate({
@@ -104,7 +104,7 @@ def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str
     try:
         return asyncio.run(all_runs())
     finally:
-        engine.executor.shutdown()
+        engine.shutdown()
 
 
 def hf_run(model, prompt: list[int], new_tokens: int, device: torch.device) -> tuple[list[int], list[float]]:

@@ -1,4 +1,5 @@
-"""`tensorfleet serve`: start (or join) Ray on loopback, deploy the app, print how to call it.
+"""`tensorfleet serve [CONFIG]`: start (or join) Ray on loopback, deploy the app, print how to
+call it.
 
 With no config it serves the default model (built on first start) at tp=2 x pp=2 on a
 simulated 2-node cluster. Ctrl-C (or SIGTERM) shuts the application and what we started down.
@@ -13,11 +14,12 @@ from pathlib import Path
 from ray import serve
 
 from cluster.config import TensorfleetConfig, load_config
-from deploy.app import deployment_for
+from deploy.cli.cluster_args import add_cluster_args, ray_session_of
+from deploy.server.app import deployment_for
 
 # The engine finishes a request a moment before the proxy has sent its last bytes.
 DRAIN_FLUSH_S = 1.0
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def resolve_config(path: str | None) -> TensorfleetConfig:
@@ -69,8 +71,8 @@ def drain(grace_s: float, force: threading.Semaphore) -> None:
     app.drain.remote().result()
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        stats = app.engine_stats.remote().result()
-        in_flight = stats["running"] + stats["waiting"]
+        stats = app.stats.remote().result()
+        in_flight = stats.running + stats.waiting
         if in_flight == 0:
             time.sleep(DRAIN_FLUSH_S)
             print("\nno requests left running", flush=True)
@@ -82,15 +84,26 @@ def drain(grace_s: float, force: threading.Semaphore) -> None:
     print(f"\ngrace period of {grace_s:.0f}s over", flush=True)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from deploy.cli import ray_session
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API with Ray Serve",
+        description="Deploy CONFIG (default: the built-in tiny model at tp=2 x pp=2 on a simulated "
+                    "2x2 cluster) with Ray Serve on serve.host:serve.port. Without --simulate or "
+                    "--address, a one-node Ray cluster is started on 127.0.0.1 for the layout.",
+    )
+    p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
+    add_cluster_args(p)
+    p.set_defaults(run=run_serve)
 
+
+def run_serve(args: argparse.Namespace) -> int:
     config = resolve_config(args.config)
     if args.config is None and not (args.simulate or args.address):
         args.simulate = "2x2"
     if not (args.simulate or args.address):
         par = config.parallel
         args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
-    with ray_session(args):
+    with ray_session_of(args):
         serve_forever(config)
     return 0

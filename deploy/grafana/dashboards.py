@@ -17,7 +17,7 @@ from pathlib import Path
 
 # deploy/ sits next to dashboards/ in the repository, which is also where an editable
 # install (`pip install -e .`) imports deploy/ from.
-DASHBOARDS_DIR = Path(__file__).resolve().parent.parent / "dashboards"
+DASHBOARDS_DIR = Path(__file__).resolve().parents[2] / "dashboards"
 
 # What Grafana would put in for its built-in time variables when nobody says otherwise:
 # $__rate_interval is at least 4 scrape intervals (15 s scrapes -> 1m).

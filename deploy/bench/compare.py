@@ -1,8 +1,8 @@
 """Benchmarks side by side: one model, one workload, one machine, one run.
 
-    python -m deploy.bench_compare --out bench_results/
+    python -m deploy.bench.compare --out bench_results/
 
-The ~125M-parameter benchmark Llama (`deploy.bench_workload`, random weights, fp32) on the
+The ~125M-parameter benchmark Llama (`deploy.bench.workload`, random weights, fp32) on the
 mixed workload (64 requests, prompts 32-512 tokens, outputs 16-256, all arriving at once),
 through, in this order:
 
@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-from actors.step_io import StepInput
 from cluster.config import TensorfleetConfig
-from deploy.bench import bench_engine, length_range
-from deploy.bench_hf import check_tokens, local_params, run_static
-from deploy.bench_report import draw_chart, format_rounds, format_shares, format_table, machine, ratios
-from deploy.bench_stats import summarize
-from deploy.bench_workload import (
+from deploy.bench.hf import check_tokens, local_params, run_static
+from deploy.bench.loadgen import bench_engine
+from deploy.bench.report import draw_chart, format_rounds, format_system_shares, format_table, machine, ratios
+from deploy.bench.stats import summarize
+from deploy.bench.workload import (
     MIXED,
     Workload,
     WorkloadSpec,
+    length_range,
     make_workload,
     save_bench_model,
 )
@@ -69,9 +69,9 @@ def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int)
 def control_overhead_ms(engine, steps: int = 200) -> float:
     """Median round trip of an empty step through every worker (no forward)."""
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         start = time.perf_counter()
-        engine.executor.execute(StepInput(10**9 + i, []))
+        engine.empty_step()
         times.append(time.perf_counter() - start)
     return statistics.median(times[20:]) * 1e3
 
@@ -93,7 +93,7 @@ def run_tensorfleet(path: Path, work: Workload, tp: int, pp: int, device: str) -
             result["control_overhead_ms"] = control_overhead_ms(engine)
             return result
         finally:
-            engine.executor.shutdown()
+            engine.shutdown()
     finally:
         if cluster is not None:
             cluster.shutdown()
@@ -116,16 +116,16 @@ def run_hf(path: Path, work: Workload, batch_sizes: list[int], device: str) -> d
 
 
 def run_hf_tp(path: Path, work: Workload, batch_sizes: list[int], workdir: Path, ranks: int = 2) -> dict:
-    """`deploy.bench_hf` under torchrun, once per batch size; the best one's result."""
+    """`deploy.bench.hf` under torchrun, once per batch size; the best one's result."""
     spec = workdir / "workload.json"
     spec.write_text(json.dumps(work.spec.to_json()))
     by_size = {}
     for bs in batch_sizes:
         out = workdir / f"hf_tp_{bs}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "deploy.bench_hf",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "deploy.bench.hf",
                "--model", str(path), "--workload", str(spec), "--batch-size", str(bs), "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         by_size[bs] = json.loads(out.read_text())
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     systems, m = report["systems"], report["machine"]
     where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f", {m['gpu']}" if "gpu" in m else "")
     text = (f"{format_table(systems)}\n\neach round's output tok/s (median shown; {args.repeats} rounds):\n"
-            f"{format_rounds(systems)}\n\n{format_shares(systems)}\n\nmachine: {where}")
+            f"{format_rounds(systems)}\n\n{format_system_shares(systems)}\n\nmachine: {where}")
     print(f"\n{text}")
     print(f"total {report['wall_s']:.0f} s")
     for problem in report["problems"]:

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.sampling_params import ParamError
 from cluster.engine_client import EngineDeadError, EngineOverloadedError
-from cluster.sampling_params import ParamError
 
 logger = logging.getLogger(__name__)
 

@@ -1,25 +1,23 @@
 """The Ray Serve application: one replica owns one engine and its TP x PP workers.
 
 The replica builds the engine (placement groups, worker actors, weights) in its
-constructor and removes them with itself; the HTTP routes come from `deploy.api.build_api`,
+constructor and removes them with itself; the HTTP routes come from `deploy.server.api.build_api`,
 built on the replica after construction (Serve's late-bound ingress), so nothing heavy is
 pickled. `build_app` is what `serve run` / `serve deploy` import:
 
-    serve run deploy.app:build_app config=deploy/configs/default.yaml
+    serve run deploy.server.app:build_app config=deploy/configs/default.yaml
 """
 
-import asyncio
 import logging
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve import Application
 
 from cluster.config import TensorfleetConfig, load_config
-from cluster.engine_client import EngineDeadError
+from cluster.engine_client import EngineDeadError, EngineStats
 from cluster.replica import build_engine
-from deploy.api import build_api
+from deploy.server.api import build_api
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,9 +47,10 @@ class TensorfleetServer:
         """Serve's replica health check. A dead or stuck worker is the engine's to heal
         (it fails in-flight requests and rebuilds its workers, while `/health` answers
         503); only when that keeps failing is the replica unhealthy, and Serve replaces it."""
-        if self.engine.gave_up and not self.engine.draining:
-            raise RuntimeError(f"the engine could not rebuild its workers: {self.engine.dead}")
-        if self.engine.dead is None:
+        stats = await self.engine.stats()
+        if stats.gave_up and not stats.draining:
+            raise RuntimeError("the engine could not rebuild its workers")
+        if stats.healthy:
             try:
                 await self.engine.check_health()
             except EngineDeadError:
@@ -60,23 +59,12 @@ class TensorfleetServer:
     async def drain(self) -> None:
         """Graceful shutdown, step one: refuse new requests (503, and /health 503 so load
         balancers look elsewhere) while running ones finish."""
-        self.engine.draining = True
+        self.engine.drain()
 
-    async def engine_stats(self) -> dict[str, Any]:
+    async def stats(self) -> EngineStats:
         """Scheduler and KV-cache occupancy, worker rebuilds and worker process ids, for
         operators (through a Serve handle) and tests."""
-        e = self.engine
-        return {"kv_blocks": e.blocks.num_blocks, "kv_blocks_free": e.blocks.num_free,
-                "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                "restarts": e.restarts, "healthy": e.dead is None, "worker_pids": await self._worker_pids()}
-
-    async def _worker_pids(self) -> list[int]:
-        if self.engine.dead is not None:
-            return []
-        try:
-            return await asyncio.to_thread(self.engine.executor.worker_pids)
-        except (RayError, EngineDeadError):  # a worker just died; the health check will notice
-            return []
+        return await self.engine.stats()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -95,7 +83,7 @@ def deployment_for(config: TensorfleetConfig) -> Application:
 
 
 def build_app(args: dict[str, str]) -> Application:
-    """Entry point for `serve run deploy.app:build_app config=PATH` and Serve config files."""
+    """Entry point for `serve run deploy.server.app:build_app config=PATH` and Serve config files."""
     if "config" not in args:
         raise ValueError("pass the tensorfleet YAML as an application argument: config=PATH")
     return deployment_for(load_config(args["config"]))

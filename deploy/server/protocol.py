@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 
-from cluster.outputs import TokenLogprob, Usage
-from cluster.sampling_params import ParamError, SamplingParams
+from actors.sampling_params import ParamError, SamplingParams
+from cluster.engine_client import TokenLogprob, Usage
 
 
 def _prompt(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """Per-request sampling parameters: what the engine needs to pick and stop tokens.
 
-Internal data (a dataclass); the HTTP layer validates user input with pydantic first and
-builds one of these. `validate()` repeats the range checks so a direct engine user gets the
-same clear errors, each naming the parameter.
+Internal data (a dataclass) that travels from the HTTP layer through the engine to the
+sampling worker, so it imports nothing of tensorfleet. The HTTP layer validates user input
+with pydantic first and builds one of these; `validate()` repeats the range checks so a
+direct engine user gets the same clear errors, each naming the parameter.
 """
 
 from dataclasses import dataclass

@@ -47,7 +47,7 @@ def format_table(systems: dict[str, dict]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def format_shares(systems: dict[str, dict]) -> str:
+def format_system_shares(systems: dict[str, dict]) -> str:
     """Per tensorfleet run: all-reduce time as a share of each rank's forward time (stage s,
     TP rank r), and the round trip of an empty step through all its workers."""
     lines = []

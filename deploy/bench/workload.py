@@ -9,6 +9,7 @@ The benchmark model is a ~125M-parameter Llama built from a config with random w
 (nothing downloaded): what the numbers in README.md were measured on.
 """
 
+import argparse
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -101,3 +102,12 @@ def save_bench_model(path: Path, dtype: str = "float32", **overrides) -> LlamaFo
     model = LlamaForCausalLM(LlamaConfig(**{**BENCH_MODEL, **overrides})).to(getattr(torch, dtype)).eval()
     model.save_pretrained(path)
     return model
+
+
+def length_range(text: str) -> tuple[int, int]:
+    """'32:512' -> (32, 512); '64' -> (64, 64)."""
+    try:
+        lo, _, hi = text.partition(":")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX or N, got {text!r}") from None
