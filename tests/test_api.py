@@ -11,9 +11,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from cluster.engine import Engine, EngineLimits
+from cluster.executor import InProcessExecutor
 from deploy.server.api import build_api
 from tests.fake_engine import FakeEngine, metaspace_tokenizer
 from tests.servers import uvicorn_server
+from tests.tiny_models import random_prompts, worker_spec
 
 MODEL = "fake-model"
 API_KEY = "sk-test-key"
@@ -372,3 +375,19 @@ async def test_32_concurrent_streams(live: tuple[str, FakeEngine]):
         texts = await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(32))), 20)
     assert texts == [REPLY] * 32
     assert len(engine.requests) == 32 and not engine.aborted
+
+
+def test_an_engine_without_a_tokenizer_takes_token_ids(tiny_llama_dir):
+    """A checkpoint without tokenizer files: token-id prompts run, text gets a 400 naming
+    the field (it was a 500 from the token-id check once)."""
+    path, hf = tiny_llama_dir
+    executor = InProcessExecutor(worker_spec(path, block_size=16), 32)
+    engine = Engine(executor, EngineLimits(256, 4, 64, 16), model_name="no-tok", vocab_size=1000, eos_token_ids=(2,))
+    client = TestClient(build_api(engine, served_model_name="no-tok"))
+    prompt = random_prompts(1000, [9])[0]
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5
+    assert_error(client.post("/v1/completions", json={"prompt": "text", "max_tokens": 5}), 400, "prompt")
+    assert_error(client.post("/v1/completions", json={"prompt": [5, 1000]}), 400, "prompt")
+    engine.shutdown()
