@@ -21,8 +21,9 @@ class ReferenceScheduler:
     leaves; when one's blocks do not fit, the newest running sequence is preempted (its
     blocks freed, back to the head of the queue) until they do, or until it was itself the
     newest. Then waiting sequences are admitted in queue order, while tokens and sequence
-    slots are left: one that holds no blocks first takes the prefix cache's hits; the first
-    one whose chunk does not fit stops admission and keeps its hits."""
+    slots are left: each first takes the prefix cache's hits; the first one whose chunk does
+    not fit stops admission and gives its hits back (they stay cached). Prefix-cache lookups
+    count once per admission."""
 
     def __init__(self, pool: ReferencePool, max_num_seqs: int, max_num_batched_tokens: int):
         self.pool = pool
@@ -35,6 +36,7 @@ class ReferenceScheduler:
         self.finished: set[int] = set()
         self.released: list[int] = []
         self.preemptions = 0
+        self.prefix_queried = self.prefix_hits = 0
 
     def add(self, sid: int, prompt: list[int]) -> None:
         self.tokens[sid], self.computed[sid] = list(prompt), 0
@@ -56,11 +58,15 @@ class ReferenceScheduler:
                 left -= n
         while self.waiting and left > 0 and len(self.running) < self.max_num_seqs:
             sid = self.waiting[0]
-            if not self.pool.held.get(sid):
-                self.computed[sid] = self.pool.match(sid, self.tokens[sid])
+            self.computed[sid] = self.pool.match(sid, self.tokens[sid])
             n = min(len(self.tokens[sid]) - self.computed[sid], left)
             if self.pool.grow(sid, self.computed[sid] + n) is None:
+                self.pool.release(sid)
+                self.computed[sid] = 0
                 break
+            if self.pool.caching:
+                self.prefix_queried += len(self.tokens[sid])
+                self.prefix_hits += self.computed[sid]
             self.running.append(self.waiting.pop(0))
             batch.append((sid, n))
             left -= n
@@ -236,11 +242,11 @@ def test_finish_frees_blocks_once_and_take_released_empties():
     c = make_seq(2, seqs["A"].prompt_ids + [5], 4)  # shares A's 2 blocks, cached meanwhile
     scheduler.finish(seqs["B"], "abort")  # a waiting sequence leaves the queue
     scheduler.add(c)
-    run_step(scheduler)  # A's decode takes the 3rd block; C takes its hit and waits for a 3rd
-    assert c.status is SeqStatus.WAITING and c.num_computed == 8 and c.blocks.block_ids == [0, 1]
-    assert [b.ref_count for b in scheduler.blocks.blocks] == [2, 2, 1]
-    scheduler.finish(c, "abort")  # its hold goes back
-    assert [b.ref_count for b in scheduler.blocks.blocks] == [1, 1, 1] and c.blocks.block_ids == []
+    run_step(scheduler)  # A's decode takes the 3rd block; C finds its hit but no 3rd block
+    assert c.status is SeqStatus.WAITING and c.num_computed == 0 and c.blocks.block_ids == []  # waits holding nothing
+    assert [b.ref_count for b in scheduler.blocks.blocks] == [1, 1, 1]
+    scheduler.finish(c, "abort")
+    assert [b.ref_count for b in scheduler.blocks.blocks] == [1, 1, 1]
     scheduler.finish(seqs["A"], "abort")
     scheduler.finish(seqs["A"], "stop")  # again: nothing more to free or release
     assert scheduler.take_released() == [1, 2, 0] and scheduler.take_released() == []
@@ -258,13 +264,12 @@ def test_update_hands_each_sampled_token_to_its_own_sequence():
     assert [s.num_computed for s in seqs.values()] == [3, 3, 10]
 
 
-@pytest.mark.xfail(strict=True, reason="a waiting sequence's prefix-cache hold can starve the queue head forever")
 def test_a_waiting_sequences_prefix_hold_does_not_deadlock():
     """4 blocks of 4 tokens. P leaves 2 cached blocks. R (5 + 11 tokens, the whole cache)
-    runs; H (P's 8 tokens + 1) takes P's 2 blocks from the cache, finds no third block and
-    waits, holding them. R then needs a third block, preempts itself and is requeued ahead
-    of H: R needs 3 blocks, 2 are free, H never gets its turn. Every request fits the cache
-    alone, as the engine checks."""
+    runs; H (P's 8 tokens + 1) takes P's 2 blocks from the cache and finds no third block.
+    Had H kept them while waiting, R, preempted for a third block and requeued ahead of H,
+    could never fit again: a stall that found once kept both forever. Every request fits
+    the cache alone, as the engine checks."""
     scheduler = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=64)
     p = make_seq(0, list(range(100, 109)), 1)
     r = make_seq(1, list(range(200, 205)), 11)
@@ -357,6 +362,8 @@ def test_random_workloads_match_the_reference_scheduler(seed, caching):
         assert [s.seq_id for s in scheduler.running] == ref.running
         assert {s.seq_id: s.num_computed for s in scheduler.running} == {i: ref.computed[i] for i in ref.running}
         assert scheduler.stats.preemptions == ref.preemptions
+        assert (scheduler.stats.prefix_queried_tokens, scheduler.stats.prefix_hit_tokens) == (
+            ref.prefix_queried, ref.prefix_hits)
         assert_same_state(scheduler.blocks, ref.pool, {i: s.blocks for i, s in seqs.items() if i in ref.tokens})
         if step >= max(arrivals) and not scheduler.has_work():
             break
