@@ -70,7 +70,7 @@ def place_workers(
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1; got tp={tp}, pp={pp}")
     deadline = time.monotonic() + timeout_s
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+    bundle = rank_bundle(use_gpu)
     pgs = [placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pp)]
     workers: list[list[ActorHandle]] = []
     try:
@@ -104,6 +104,17 @@ def place_workers(
         raise
     node_ids = [flat_ids[s * tp : (s + 1) * tp] for s in range(pp)]
     return WorkerGroup(workers, node_ids, pgs)
+
+
+def rank_bundle(use_gpu: bool) -> dict[str, float]:
+    """What one worker reserves: a GPU (real or logical) and a CPU, or a CPU alone."""
+    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+
+
+def bundles_want_gpus(device: str) -> bool:
+    """Whether a replica's bundles ask for GPUs: on CUDA, and on a CPU replica in a cluster
+    that declares (logical) GPUs, so that each stage still lands on one node's GPUs."""
+    return device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0
 
 
 def rendezvous_address(rank0: ActorHandle, timeout_s: float = 60.0) -> str:

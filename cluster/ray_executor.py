@@ -23,7 +23,7 @@ from actors.ray_worker import RayWorker
 from actors.step_io import RankStats, StepInput, StepOutput
 from actors.worker import WorkerSpec
 from cluster.engine_client import EngineDeadError
-from cluster.placement import place_workers, rendezvous_address
+from cluster.placement import bundles_want_gpus, place_workers, rendezvous_address
 
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
@@ -36,7 +36,7 @@ class RayExecutor:
         self.num_kv_blocks = num_kv_blocks
         self.compiled = None
         self.group = place_workers(
-            RayWorker, spec.tp, spec.pp, use_gpu=spec.device == "cuda" or _cluster_has_gpus(),
+            RayWorker, spec.tp, spec.pp, use_gpu=bundles_want_gpus(spec.device),
             timeout_s=placement_timeout_s, make_args=lambda stage, tp_rank: (spec, stage, tp_rank),
         )
         self.workers = self.group.workers
@@ -111,7 +111,3 @@ class RayExecutor:
         if self.compiled is not None:
             self.compiled.teardown()
             self.compiled = None
-
-
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0

@@ -15,6 +15,7 @@ from ray import serve
 
 from cluster.config import TensorfleetConfig, load_config
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
+from deploy.cli.doctor import check_before_serving
 from deploy.server.app import deployment_for
 
 # The engine finishes a request a moment before the proxy has sent its last bytes.
@@ -94,6 +95,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
     add_cluster_args(p)
+    p.add_argument("--skip-doctor", action="store_true",
+                   help="deploy without first running `tensorfleet doctor`'s checks (a few seconds)")
     p.set_defaults(run=run_serve)
 
 
@@ -105,5 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
         par = config.parallel
         args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
     with ray_session_of(args):
+        if not args.skip_doctor:
+            check_before_serving(config)
         serve_forever(config)
     return 0
