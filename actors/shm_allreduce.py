@@ -21,11 +21,14 @@ call seq + 2 only after its wait of call seq + 1 saw every flag >= seq + 1, and 
 publishes seq + 1 only after it has finished summing call seq. So nobody still reads what
 is overwritten; and a peer's write for seq + 1 goes to the other buffer.
 
-Sums: float32 adds in rank order. bfloat16 / float16 accumulate in float32 and round once
-at the end (torch's CPU add of two bf16 tensors computes in float32 and rounds, so for two
-ranks this is bit-identical to gloo; for more ranks gloo rounds after every pairwise add
-and this is at least as accurate). Every rank runs the same ops on the same bytes in the
-same order, so every rank gets bit-identical results, which TP needs.
+Sums: x = ((slot_0 + slot_1) + slot_2) + ..., adds in the tensor's dtype, in rank order.
+A bf16/fp16 add computes in float32 and rounds to the dtype (torch's CPU kernel), so each
+of the n - 1 adds rounds once, as gloo's and NCCL's pairwise reductions do: with 2 ranks
+the result is bit-identical to gloo's, with more the error bound is the same,
+(n - 1) u sum_i |x_i| (u = 2^-8 for bf16). Accumulating in a float32 buffer and rounding
+once was measured too: no faster with 2 ranks, and 2-3x slower at 512 x 576 with 3-4 ranks
+(the mixed-dtype kernels), for accuracy beyond what gloo gives. Every rank runs the same
+ops on the same bytes in the same order, so all get bit-identical results, as TP needs.
 
 Memory ordering: only x86-64 Linux is accepted (`host_key` is None elsewhere; the caller
 keeps gloo). x86 is TSO: a core's stores become visible in program order and loads are not
@@ -83,12 +86,15 @@ class ShmAllReduce:
     a gloo group. `timeout_s` bounds every wait.
 
     Waiting: poll the flags `spin_polls` times (~0.15 us a poll), then `os.sched_yield()`
-    between polls. Measured on 2 cores (deploy/bench_allreduce.py, [1, 576] float32):
-    with tp=2 a 64-poll spin gives 3.8 us median / 3.9 us p90 against 4.8 / 31 us yielding
-    from the first poll; with tp=3 or 4 ranks on 2 cores a long spin starves the rank being
-    waited for (pure spin: 5-8 ms a call), yielding at once is best (35 / 60 us), and
-    `time.sleep(0)` is worse than `sched_yield` (its timer slack costs ~80 us). Hence the
-    default: spin 64 polls when every rank of the group can have a core of its own, else 0.
+    between polls, with a deadline. Measured on 2 cores, 7 interleaved rounds (medians):
+    with tp=2 every variant gives ~6 us for [1, 576] float32, but in a decode token
+    (60 all-reduces between matmuls) a 64-poll spin took 1.24 ms against 1.68 ms yielding
+    at once, 1.39 ms spinning 1024 polls and 1.78 ms (p90 5.2 ms) spinning without end;
+    with 3 or 4 ranks on the 2 cores a spinning rank takes the core its peer needs
+    (1024 polls: 4x slower, an endless spin several ms a call), and yielding at once is
+    best (tp=4 token: 4.9 ms; 64 polls 5.5 ms); `time.sleep(10e-6)` after 100 yields was
+    no better (its timer slack alone is ~80 us). Hence the default: 64 polls when each
+    rank of the group can have a core of its own, else 0.
     """
 
     def __init__(self, name: str, mapping: mmap.mmap, rank: int, size: int, slot_bytes: int,
@@ -104,8 +110,7 @@ class ShmAllReduce:
         self._my_flag = _FLAG_STRIDE * (1 + rank)
         self._peer_flags = [_FLAG_STRIDE * (1 + q) for q in range(size) if q != rank]
         self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)
-        self._views: dict[tuple, tuple] = {}  # (dtype, shape) -> per-buffer (my slot, all slots, acc)
-        self._acc: torch.Tensor | None = None  # float32 accumulator of bf16/fp16 sums, made once
+        self._views: dict[tuple, tuple] = {}  # (dtype, shape) -> per buffer: (my slot, all slots)
         self._broken: str | None = None
 
     # -- set-up --------------------------------------------------------------------------
@@ -167,7 +172,7 @@ class ShmAllReduce:
             self.unlink()
         self._broken = self._broken or "closed"
         self._views.clear()
-        self._bytes = self._acc = None
+        self._bytes = None
         self._flags.release()
         try:
             self._mapping.close()
@@ -187,19 +192,13 @@ class ShmAllReduce:
         if self._broken:
             raise RuntimeError(f"shared-memory all-reduce unusable: {self._broken}")
         seq = self.seq + 1
-        mine, slots, acc = self._views_for(x)[seq & 1]
+        mine, slots = self._views_for(x)[seq & 1]
         mine.copy_(x)
         self._flags[self._my_flag] = seq  # after the data: see "Memory ordering" above
         self._wait(seq)
-        if acc is None:  # float32, or 2 ranks of bf16/fp16 (add computes in fp32, rounds once)
-            torch.add(slots[0], slots[1], out=x)
-            for s in slots[2:]:
-                x.add_(s)
-        else:
-            acc.copy_(slots[0])
-            for s in slots[1:-1]:
-                acc.add_(s)
-            torch.add(acc, slots[-1], out=x)  # float32 add, one rounding into x
+        torch.add(slots[0], slots[1], out=x)
+        for s in slots[2:]:
+            x.add_(s)
         self.seq = seq
         return x
 
@@ -249,12 +248,7 @@ class ShmAllReduce:
         for r in range(self.size):
             start = _HEADER + (buffer * self.size + r) * self.slot_bytes
             slots.append(self._bytes[start:start + nbytes].view(x.dtype).view(x.shape))
-        acc = None
-        if x.dtype != torch.float32 and self.size > 2:
-            if self._acc is None:
-                self._acc = torch.empty(self.slot_bytes // 2, dtype=torch.float32)
-            acc = self._acc[: x.numel()].view(x.shape)
-        return slots[self.rank], slots, acc
+        return slots[self.rank], slots
 
 
 def open_shm_all_reduce(
