@@ -1,7 +1,7 @@
 """All-reduce (sum) of the TP ranks of one host through POSIX shared memory.
 
 On CPU every TP rank is a process; gloo's all-reduce goes through loopback TCP and costs
-~150-250 us even for one decode token. Here the ranks of a group share one segment of
+~150-450 us even for one decode token. Here the ranks of a group share one segment of
 /dev/shm and a call is: copy in, publish, wait, sum.
 
 Segment layout (offsets in bytes; `n` ranks, slots of `slot_bytes`, a multiple of 4096):
@@ -36,8 +36,10 @@ reordered with older loads. The slot copy (torch's kernel; glibc's non-temporal 
 with sfence; intra-op worker threads are joined through locked instructions, and x86 is
 causal) comes before the flag store in program order, and the compiler cannot move stores
 across the separately compiled CPython/torch calls between them. A reader sees the flag,
-then loads the slots, so it sees the data. A weakly ordered CPU (ARM) would need fences
-that Python cannot issue cheaply, hence the refusal.
+then loads the slots, so it sees the data. The reuse invariant also needs a rank's loads of
+call seq's slots to complete before its flag store of seq + 1 is seen: x86 does not
+reorder a store with older loads. A weakly ordered CPU (ARM) would need fences that
+Python cannot issue cheaply, hence the refusal.
 """
 
 import logging
@@ -321,9 +323,9 @@ def _sweep_stale(min_age_s: float = 600.0) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, another user's
+        pass
     return True

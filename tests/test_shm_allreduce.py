@@ -15,6 +15,7 @@ Every rank must get bit-identical results, and nothing may be left in /dev/shm.
 import hashlib
 import os
 import signal
+import subprocess
 import time
 from datetime import timedelta
 
@@ -25,7 +26,7 @@ import torch.multiprocessing as mp
 
 from actors import shm_allreduce
 from actors.comm import CpuAllReduce, TPGroup, init_parallel
-from actors.shm_allreduce import PREFIX, AllReduceTimeout, open_shm_all_reduce
+from actors.shm_allreduce import PREFIX, AllReduceTimeout, ShmAllReduce, open_shm_all_reduce
 from tests.mp_harness import free_port
 
 SHAPES = [(1, 576), (8, 576), (64, 576), (3, 7, 5)]
@@ -134,15 +135,18 @@ def test_sums_match_exact_and_gloo(n):
     print(f"n={n}: largest |got - exact| / sum|x_i|: {results[0]['worst']}")
 
 
-def _dead_peer(rank: int, n: int, init_method: str, good_calls: int, timeout_s: float) -> dict:
+def _dead_peer(rank: int, n: int, init_method: str, good_calls: int, timeout_s: float, how: str) -> dict | None:
     _init(rank, n, init_method)
     shm = open_shm_all_reduce(dist.group.WORLD, rank, n, max_bytes=MAX_BYTES, timeout_s=timeout_s)
     x = torch.ones(1, 576)
     for _ in range(good_calls):
         shm.all_reduce_(x.fill_(1.0))
         assert (x == n).all()
-    if rank == n - 1:
+    if rank == n - 1 and how == "killed":
         os.kill(os.getpid(), signal.SIGKILL)  # dies holding the segment mapped
+    if rank == n - 1 and how == "stalled":
+        time.sleep(timeout_s + 2.0)  # alive, but never makes the call
+        return None
     start = time.monotonic()
     with pytest.raises(AllReduceTimeout) as err:
         shm.all_reduce_(x)
@@ -152,10 +156,11 @@ def _dead_peer(rank: int, n: int, init_method: str, good_calls: int, timeout_s: 
     return {"message": str(err.value), "waited": waited}
 
 
-def test_dead_peer_is_named_within_the_deadline():
+@pytest.mark.parametrize("how", ["killed", "stalled"])
+def test_a_peer_that_never_arrives_is_named_within_the_deadline(how):
     n, timeout_s = 3, 1.0
-    results = _join(_dead_peer, n, 5, timeout_s)
-    assert results[-1] is None  # killed
+    results = _join(_dead_peer, n, 5, timeout_s, how)
+    assert results[-1] is None
     for r in results[:-1]:
         assert f"TP rank(s) [{n - 1}] of {n} did not arrive within 1 s" in r["message"]
         assert timeout_s <= r["waited"] < timeout_s + 2.0
@@ -200,3 +205,23 @@ def _through_comm(rank: int, n: int, init_method: str, second_init: str) -> dict
 def test_init_parallel_uses_shared_memory_per_stage_and_falls_back_to_gloo():
     results = _join(_through_comm, 4, f"tcp://127.0.0.1:{free_port()}")
     assert results[0]["segment"] == results[1]["segment"] != results[2]["segment"] == results[3]["segment"]
+
+
+def test_a_killed_creators_stale_segment_is_swept_at_the_next_create():
+    """Only a name older than any set-up whose creating pid is gone is removed."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    paths = {kind: f"/dev/shm/{PREFIX}{pid}-test{kind}" for kind, pid in
+             [("stale", dead.pid), ("fresh", dead.pid), ("alive", os.getpid())]}
+    try:
+        for kind, path in paths.items():
+            open(path, "wb").close()
+            if kind != "fresh":
+                os.utime(path, (time.time() - 3600, time.time() - 3600))
+        ShmAllReduce.create(2, 4096, timeout_s=1.0).close()
+        assert not os.path.exists(paths["stale"])
+        assert os.path.exists(paths["fresh"]) and os.path.exists(paths["alive"])
+    finally:
+        for path in paths.values():
+            if os.path.exists(path):
+                os.unlink(path)
