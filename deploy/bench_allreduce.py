@@ -142,8 +142,8 @@ def _p90(values: list[float]) -> float:
 
 def report(tp: int, layers: int, default_polls: int, samples: dict[tuple, list[float]]) -> list[str]:
     paths = sorted(dict.fromkeys(k[2] for k in samples), key=lambda p: (p != "gloo", p != "shm"))
-    lines = [f"tp={tp}: microseconds per call (p50 / p90 of TP rank 0); 'token' rows: per decode token "
-             f"({2 * layers} all-reduces); shm spins {default_polls} polls before yielding",
+    lines = [(f"tp={tp}: microseconds per call (p50 / p90 of TP rank 0); 'token' rows: per decode token "
+              f"({2 * layers} all-reduces); shm spins {default_polls} polls before yielding"),
              f"{'dtype':9} {'message':16}" + "".join(f"{p:>20}" for p in paths) + f"{'gloo/shm':>10}"]
     for dtype, message, _ in [k for k in samples if k[2] == "shm"]:
         cells, medians = "", {}

@@ -26,7 +26,12 @@ import torch.multiprocessing as mp
 
 from actors import shm_allreduce
 from actors.comm import CpuAllReduce, TPGroup, init_parallel
-from actors.shm_allreduce import PREFIX, AllReduceTimeout, ShmAllReduce, open_shm_all_reduce
+from actors.shm_allreduce import (
+    PREFIX,
+    AllReduceTimeout,
+    ShmAllReduce,
+    open_shm_all_reduce,
+)
 from tests.mp_harness import free_port
 
 SHAPES = [(1, 576), (8, 576), (64, 576), (3, 7, 5)]
@@ -64,7 +69,7 @@ def _rank_main(scenario, rank, n, init_method, args, queue) -> None:
     torch.set_num_threads(1)
     try:
         queue.put((rank, scenario(rank, n, init_method, *args), None))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - surfaced in the parent with its rank
         queue.put((rank, None, f"{type(e).__name__}: {e}"))
     os._exit(0)  # no gloo teardown handshakes with peers that may be gone
 
@@ -76,7 +81,8 @@ def _init(rank: int, n: int, init_method: str) -> None:
 def _inputs(seed: int, n: int, shape, dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     # a scale per rank, 2^-3 .. 2^3: ranks' partial sums differ in size, as real ones do
-    return [(torch.randn(shape, generator=gen) * 2.0 ** torch.randint(-3, 4, (1,), generator=gen)).to(dtype) for _ in range(n)]
+    scales = 2.0 ** torch.randint(-3, 4, (n,), generator=gen)
+    return [(torch.randn(shape, generator=gen) * scale).to(dtype) for scale in scales]
 
 
 def _rank_order_sum(xs: list[torch.Tensor]) -> torch.Tensor:
