@@ -1,8 +1,8 @@
 """TP all-reduce on one CPU host: gloo (TCP) against shared memory, side by side.
 
-    python -m deploy.bench_allreduce                 # tp=2 and 3, hidden 576 (SmolLM2-135M)
-    python -m deploy.bench_allreduce --tp 2 --rounds 9
-    python -m deploy.bench_allreduce --tp 3 --spin-polls 0 64 100000000   # waiting variants
+    python -m deploy.bench.allreduce                 # tp=2 and 3, hidden 576 (SmolLM2-135M)
+    python -m deploy.bench.allreduce --tp 2 --rounds 9
+    python -m deploy.bench.allreduce --tp 3 --spin-polls 0 64 100000000   # waiting variants
 
 `tp` processes (torch.multiprocessing spawn, gloo on 127.0.0.1, one torch thread each) call
 `TPGroup.all_reduce`, the call the model's row-parallel layers make, once with the group's
