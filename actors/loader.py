@@ -6,7 +6,6 @@ other stages are never opened. `ReadStats` counts what was read, so tests can sh
 rank never materialises a matrix it does not own.
 """
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from actors.checkpoint_files import CheckpointError, checkpoint_files
 from actors.layers import WeightShapeError
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config; the message names the tensor."""
 
 
 @dataclass
@@ -46,20 +42,6 @@ class LazyTensor:
         t = self._slice[index]
         self._stats.record(t)
         return t
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise CheckpointError(
-        f"no model.safetensors or model.safetensors.index.json in {model_dir}; "
-        "tensorfleet loads Hugging Face safetensors checkpoints"
-    )
 
 
 def iter_checkpoint(model_dir: Path, stats: ReadStats) -> Iterator[tuple[str, LazyTensor]]:

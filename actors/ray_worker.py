@@ -8,6 +8,8 @@ plain `Worker`'s, which tests drive without Ray.
 import os
 import time
 
+import ray
+
 from actors.net_interface import bind_collectives_to_node_interface
 from actors.rank_metrics import RankMetrics
 from actors.step_io import StepInput, StepOutput
@@ -21,7 +23,7 @@ class RayWorker(Worker):
     are exported as metrics (at most once a second)."""
 
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
-        bind_collectives_to_node_interface()
+        bind_collectives_to_node_interface(ray.util.get_node_ip_address())
         super().__init__(spec, stage, tp_rank)
         self.metrics = RankMetrics(spec.model_name, stage, tp_rank)
         self._last_export = 0.0

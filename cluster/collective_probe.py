@@ -7,9 +7,11 @@ plain TCP connections on the collectives' addresses, which fail in milliseconds 
 process group would hang; then they build the real process groups (`init_parallel`, the
 mesh `arange(pp * tp).reshape(pp, tp)`) and time, with the groups' short timeout:
 
-- an all-reduce in each TP group (a row of the mesh): a small message for latency and a
-  large one for bandwidth, reported as bus bandwidth, size / time * 2 (n - 1) / n (the
-  bytes each rank's link carries in a ring all-reduce, as nccl-tests reports it);
+- an all-reduce in each TP group (a row of the mesh), through the group's own
+  `TPGroup.all_reduce` (shared memory or the backend, as the replica's would go): a small
+  message for latency and a large one for bandwidth, reported as bus bandwidth,
+  size / time * 2 (n - 1) / n (the bytes each rank's link carries in a ring all-reduce,
+  as nccl-tests reports it);
 - a ping-pong on each pipeline edge (TP rank i of stage s with TP rank i of stage s + 1):
   one way = round trip / 2, bandwidth = size / one way.
 
@@ -49,6 +51,7 @@ class Site:
 class LinkTiming:
     latency_us: float  # the small message
     gbps: float  # the large one: bus bandwidth (all-reduce) or one-way bandwidth (edge)
+    via: str  # the transport, e.g. "nccl", or "shared memory for 8 KiB, gloo for 4 MiB"
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class RankTimings:
 
 class CollectiveProbe:
     def __init__(self, stage: int, tp_rank: int, tp: int, pp: int, device: str):
-        bind_collectives_to_node_interface()
+        bind_collectives_to_node_interface(ray.util.get_node_ip_address())
         self.stage, self.tp_rank, self.tp, self.pp = stage, tp_rank, tp, pp
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.backend = "nccl" if device == "cuda" else "gloo"
@@ -73,7 +76,7 @@ class CollectiveProbe:
     def listen(self) -> tuple[str, int] | None:
         """Listen on the collectives' address of this node; (address, port), or None when
         this node has no address for them (the node facts say why)."""
-        address = socket_interface(self.backend, ipv4_interfaces()).address
+        address = self._address()
         if address is None:
             return None
         self._listener = socket.create_server((address, 0))
@@ -82,7 +85,7 @@ class CollectiveProbe:
     def connect(self, address: str, port: int, timeout_s: float) -> str | None:
         """Open a TCP connection from this node's collectives' address, as the library
         would; None on success, else why not."""
-        source = socket_interface(self.backend, ipv4_interfaces()).address
+        source = self._address()
         try:
             with socket.create_connection((address, port), timeout=timeout_s,
                                           source_address=(source, 0) if source else None):
@@ -91,6 +94,10 @@ class CollectiveProbe:
             return f"no answer within {timeout_s:g} s"
         except OSError as e:
             return e.strerror or str(e)
+
+    def _address(self) -> str | None:
+        """This node's address for the collectives, by the workers' rule."""
+        return socket_interface(self.backend, ipv4_interfaces(), ray.util.get_node_ip_address()).address
 
     def measure(self, init_method: str, timeout_s: float) -> RankTimings:
         ctx = init_parallel(stage=self.stage, tp_rank=self.tp_rank, tp_size=self.tp, pp_size=self.pp,
@@ -108,14 +115,23 @@ class CollectiveProbe:
         return RankTimings(self.stage, self.tp_rank, all_reduce, send_next)
 
     def _all_reduce(self, ctx: ParallelContext) -> LinkTiming:
+        """Through the replica's own TP group: shared memory where its CPU ranks share a
+        host and the tensor fits, else the backend."""
         def op(x: torch.Tensor) -> None:
-            dist.all_reduce(x, group=ctx.tp.group)
+            ctx.tp.all_reduce(x)
+
+        def via(nbytes: int) -> str:
+            x = torch.empty(nbytes // 4, dtype=torch.float32, device=self.device)
+            return "shared memory" if ctx.tp.shm is not None and ctx.tp.shm.fits(x) else self.backend
 
         n = ctx.tp.size
         latency = self._seconds_per_op(op, LATENCY_BYTES, LATENCY_ITERS)
         large = BANDWIDTH_BYTES[self.device.type]
         seconds = self._seconds_per_op(op, large, BANDWIDTH_ITERS)
-        return LinkTiming(latency * 1e6, large / seconds * 2 * (n - 1) / n / 1e9)
+        small_via, large_via = via(LATENCY_BYTES), via(large)
+        paths = small_via if small_via == large_via else (
+            f"{small_via} for {LATENCY_BYTES >> 10} KiB, {large_via} for {large >> 20} MiB")
+        return LinkTiming(latency * 1e6, large / seconds * 2 * (n - 1) / n / 1e9, paths)
 
     def _ping_pong(self, peer: int, initiate: bool) -> LinkTiming:
         def op(x: torch.Tensor) -> None:
@@ -129,7 +145,7 @@ class CollectiveProbe:
         one_way = self._seconds_per_op(op, LATENCY_BYTES, LATENCY_ITERS) / 2
         large = BANDWIDTH_BYTES[self.device.type]
         large_one_way = self._seconds_per_op(op, large, BANDWIDTH_ITERS) / 2
-        return LinkTiming(one_way * 1e6, large / large_one_way / 1e9)
+        return LinkTiming(one_way * 1e6, large / large_one_way / 1e9, self.backend)
 
     def _seconds_per_op(self, op: Callable[[torch.Tensor], None], nbytes: int, iters: int) -> float:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=self.device)

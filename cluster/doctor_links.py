@@ -102,7 +102,7 @@ def collective_rows(labels: list[str], sites: list[list[Site]], timings: list[Ra
         if device == "cuda":
             gpus = [g for site in sites[s] for g in site.gpu_ids]
             expected, why = gpu_group_expectation(facts[s].topology or "", gpus)
-        within, sentence = judge(f"stage {s}'s TP all-reduce ({len(sites[s])} ranks)",
+        within, sentence = judge(f"stage {s}'s TP all-reduce ({len(sites[s])} ranks; {measured[0].via})",
                                  max(m.latency_us for m in measured), min(m.gbps for m in measured), expected, why)
         rows.append(Check("tp all-reduce", labels[s], OK if within else WARN, sentence, "" if within else (
             _unset(facts[s]) or
@@ -119,7 +119,7 @@ def collective_rows(labels: list[str], sites: list[list[Site]], timings: list[Ra
             expected = NO_EXPECTATION
         else:
             expected = network_expectation(src.socket.interface, src.socket.speed_mbps)
-        within, sentence = judge(f"stage {s} -> {s + 1} send/recv (one way)",
+        within, sentence = judge(f"stage {s} -> {s + 1} send/recv (one way; {measured[0].via})",
                                  max(m.latency_us for m in measured), min(m.gbps for m in measured), expected, None)
         rows.append(Check("pp send/recv", labels[s + 1], OK if within else WARN, sentence, "" if within else (
             _unset(src) or f"the edge runs over {src.socket.interface}: check that it is the fast network "

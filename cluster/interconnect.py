@@ -11,7 +11,8 @@ A TP group is only as fast as its weakest pair, and it should be as fast as the 
 the node offers: a group of NVLink GPUs that measures like PCIe, or a group that straddles
 two NVLink islands, both show up as "slower than expected". Between nodes the reference is
 the line rate of the network interface the collectives use (`/sys/class/net/IF/speed`).
-CPU ranks on one host talk gloo over loopback TCP, which no line rate bounds: measured only.
+CPU ranks on one host (shared memory, or gloo over loopback TCP) have no line rate to
+bound them: measured only.
 
 The floors below are conservative (healthy links beat them several times over); a
 measurement past one is a warning, never a failure.
@@ -54,7 +55,7 @@ GPU_LINKS = {
     "NODE": Expectation("PCIe across host bridges", 80, 4),
     "SYS": Expectation("PCIe through the CPU", 100, 3),
 }
-NO_EXPECTATION = Expectation("gloo over TCP on one host", None, None)
+NO_EXPECTATION = Expectation("CPU ranks on one host", None, None)
 
 
 def parse_topology(text: str) -> dict[tuple[int, int], str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import socket
@@ -23,7 +24,7 @@ from pathlib import Path
 import psutil
 import ray
 
-from actors.loader import CheckpointError, checkpoint_files
+from actors.checkpoint_files import CheckpointError, checkpoint_files
 from actors.net_interface import socket_ifnames
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
@@ -101,7 +102,7 @@ def node_facts(model_dir: str, backend: str) -> NodeFacts:
         topology=_run(["nvidia-smi", "topo", "-m"]) if gpus else None,
         ram_available_bytes=psutil.virtual_memory().available,
         interfaces=interfaces,
-        socket=socket_interface(backend, interfaces),
+        socket=socket_interface(backend, interfaces, node_ip),
         auth_mode=mode,
         token_fingerprint=fingerprint,
         model=model_files(model_dir),
@@ -182,9 +183,9 @@ def resolve_ifname(setting: str, names: list[str]) -> str | None:
     return None
 
 
-def socket_interface(backend: str, interfaces: dict[str, str]) -> SocketInterface:
+def socket_interface(backend: str, interfaces: dict[str, str], node_ip: str) -> SocketInterface:
     variable = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
-    setting = socket_ifnames()[variable]
+    setting = socket_ifnames(node_ip)[variable]
     iface = resolve_ifname(setting, list(interfaces)) if setting else None
     return SocketInterface(variable, setting, variable in os.environ, iface,
                            interfaces.get(iface) if iface else None, _speed_mbps(iface))
@@ -240,9 +241,20 @@ def parse_driver_cuda(text: str) -> str | None:
 
 
 def _torch_cuda() -> str | None:
-    import torch  # the workers import it anyway; only the build's CUDA is read here
-
-    return torch.version.cuda
+    """`torch.version.cuda`, read by running torch/version.py alone (a file of constants):
+    the facts import no torch, so they come back fast and even from a node whose torch
+    does not import."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "version.py"
+    version_spec = importlib.util.spec_from_file_location("_tensorfleet_torch_version", path)
+    module = importlib.util.module_from_spec(version_spec)
+    try:
+        version_spec.loader.exec_module(module)
+    except OSError:
+        return None
+    return getattr(module, "cuda", None)
 
 
 def _auth() -> tuple[str, str | None]:

@@ -237,14 +237,15 @@ def test_collective_rows_judge_each_link_against_its_interconnect():
     other = facts(node_ip="10.0.0.3", socket=SocketInterface("NCCL_SOCKET_IFNAME", "eth0", False, "eth0",
                                                              "10.0.0.3", 100_000))
     sites = [[Site("n1", (2,)), Site("n1", (5,))], [Site("n2", (0,)), Site("n2", (1,))]]
-    timings = [RankTimings(0, 0, LinkTiming(850, 9.5), LinkTiming(40, 0.1)), RankTimings(0, 1, LinkTiming(800, 9.8), None),
-               RankTimings(1, 0, LinkTiming(12, 180), None), RankTimings(1, 1, LinkTiming(11, 190), None)]
+    timings = [RankTimings(0, 0, LinkTiming(850, 9.5, "nccl"), LinkTiming(40, 0.1, "nccl")),
+               RankTimings(0, 1, LinkTiming(800, 9.8, "nccl"), None),
+               RankTimings(1, 0, LinkTiming(12, 180, "nccl"), None), RankTimings(1, 1, LinkTiming(11, 190, "nccl"), None)]
     rows = collective_rows(["n1 stage 0", "n2 stage 1"], sites, timings,
                            [node, dataclasses.replace(other, gpus=(H100,) * 8, topology=PAIRS_TOPO)], "cuda")
     assert [(r.check, r.node, r.result) for r in rows] == [
         ("tp all-reduce", "n1 stage 0", WARN), ("tp all-reduce", "n2 stage 1", OK), ("pp send/recv", "n2 stage 1", WARN)]
-    assert rows[0].detail == ("stage 0's TP all-reduce (2 ranks) 850 µs, 9.50 GB/s; expected < 30 µs and > 100 GB/s "
-                              "on NVLink; GPUs 2 and 5 are linked through the CPU (SYS)")
+    assert rows[0].detail == ("stage 0's TP all-reduce (2 ranks; nccl) 850 µs, 9.50 GB/s; expected < 30 µs and "
+                              "> 100 GB/s on NVLink; GPUs 2 and 5 are linked through the CPU (SYS)")
     assert "NVLink island" in rows[0].fix
     assert rows[2].detail.endswith("0.10 GB/s; expected > 0.125 GB/s on TCP over eth0 at 10 Gb/s")  # the sender's NIC
     # A setting that forces a slower transport is the fix to try first.

@@ -8,6 +8,7 @@ import sys
 
 from cluster.config import TensorfleetConfig, load_config
 from cluster.doctor import DoctorError, diagnose, format_report
+from cluster.doctor_checks import OK
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
 
 
@@ -51,7 +52,7 @@ def check_before_serving(config: TensorfleetConfig) -> None:
     if not report.ok:
         raise DoctorError(f"{len(report.failures)} check(s) failed; fix them, or pass --skip-doctor to "
                           f"deploy anyway:\n{format_report(report)}")
-    if any(r.result != "ok" for r in report.rows):
+    if any(r.result != OK for r in report.rows):
         print(format_report(report), flush=True)
     else:
         print(f"doctor: all {len(report.rows)} checks ok in {report.seconds:.1f} s "
