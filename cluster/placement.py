@@ -41,6 +41,11 @@ class WorkerGroup:
     _alive: bool = field(default=True, repr=False)
 
     @property
+    def alive(self) -> bool:
+        """Still holding its workers and placement groups."""
+        return self._alive
+
+    @property
     def flat(self) -> list[ActorHandle]:
         """Workers in global-rank order r = stage * tp + tp_rank."""
         return [w for stage in self.workers for w in stage]
@@ -111,10 +116,11 @@ def place_workers(
 def check_room(tp: int, pp: int, *, use_gpu: bool, released: WorkerGroup | None = None) -> None:
     """Raise `PlacementError` unless `pp` stages of `tp` bundles, each stage on one node,
     fit in what the alive nodes have free now plus what `released` (the workers a re-layout
-    replaces) holds."""
+    replaces) still holds."""
     bundle = _bundle(use_gpu)
     free = {node: dict(res) for node, res in ray._private.state.available_resources_per_node().items()}
-    for node in [n for stage in released.node_ids for n in stage] if released is not None else []:
+    held = released.node_ids if released is not None and released.alive else []
+    for node in [n for stage in held for n in stage]:
         for resource, amount in bundle.items():
             free.setdefault(node, {})[resource] = free.get(node, {}).get(resource, 0) + amount
     stages = sum(min(int(res.get(r, 0) // (amount * tp)) for r, amount in bundle.items()) for res in free.values())

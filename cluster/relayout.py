@@ -66,7 +66,7 @@ def with_layout(deployed: TensorfleetConfig, layout: Mapping[str, Any]) -> Tenso
         raise LayoutRefused(format_validation_error(e, "(layout)")) from None
 
 
-def check_layout(engine: Engine, cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
+def plan_layout(engine: Engine, cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
     """Steps 2-4 above for `cfg` on this engine's cluster; its plan, or `LayoutRefused`."""
     try:
         plan, spec = plan_replica(cfg)
@@ -88,7 +88,7 @@ def check_layout(engine: Engine, cfg: TensorfleetConfig) -> tuple[Plan, WorkerSp
 
 async def relayout(engine: Engine, cfg: TensorfleetConfig, log: Callable[[str], None]) -> float:
     """Check `cfg`, then move the engine onto its workers; the seconds requests were paused."""
-    plan, spec = check_layout(engine, cfg)
+    plan, spec = plan_layout(engine, cfg)
     par = cfg.parallel
     log(f"re-laying out to tp={par.tensor_parallel_size} x pp={par.pipeline_parallel_size}; requests pause")
     return await engine.relayout(engine_limits(cfg), lambda: build_executor(cfg, plan, spec, log))

@@ -30,7 +30,7 @@ MODEL = TINY_MODEL
 MAX_WAITING = 8
 STEP_DEADLINE_S = 3.0
 PROMPTS = [f"def {name}(path):\n" for name in ("read", "write", "parse", "load", "save", "scan", "copy", "walk")]
-MAX_TOKENS = 96
+MAX_TOKENS = 160
 TP2_PP2 = {"parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}}
 
 
@@ -165,27 +165,38 @@ async def test_relayout_while_streaming_and_back_loses_nothing(server, undisturb
     path.write_text(yaml.safe_dump(deployed.model_dump()))
     follower = ConfigFollower(path, deployed)
 
-    async def save_yaml_with_tp1():
+    async def save_yaml_with_tp1() -> asyncio.Task:
+        """Save the YAML with tp=1; a request sent meanwhile waits for the new workers."""
         edited = deployed.model_dump()
         edited["parallel"]["tensor_parallel_size"] = 1
         path.write_text(yaml.safe_dump(edited))
-        news = await asyncio.to_thread(follower.poll)
+        applying = asyncio.create_task(asyncio.to_thread(follower.poll))
+        await asyncio.sleep(1.0)  # the replica is re-laying out now
+        late = asyncio.create_task(http.post(f"{server}/v1/completions", json={
+            "model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}))
+        news = await applying
         print(news)
         assert news.startswith("re-laid out to tp=1 x pp=2")
+        return late
 
     async def there_and_back(streams):
-        timings = []
-        for change, workers in ((save_yaml_with_tp1, 2), (lambda: asyncio.to_thread(relayout, TP2_PP2), 4)):
-            running = sum(not s.done for s in streams)
-            start = time.monotonic()
-            await change()
-            assert len((await engine_stats()).worker_pids) == workers
-            timings.append((running, time.monotonic() - start))
-        return timings
+        running, start = sum(not s.done for s in streams), time.monotonic()
+        late = await save_yaml_with_tp1()
+        assert len((await engine_stats()).worker_pids) == 2
+        timings = [(running, time.monotonic() - start)]
+        running, start = sum(not s.done for s in streams), time.monotonic()
+        await asyncio.to_thread(relayout, TP2_PP2)
+        assert len((await engine_stats()).worker_pids) == 4
+        timings.append((running, time.monotonic() - start))
+        return timings, await late
 
-    streams, elapsed, timings = await run_streams(server, there_and_back)
+    async with httpx.AsyncClient(timeout=300) as http:
+        streams, elapsed, (timings, late) = await run_streams(server, there_and_back)
     check_nothing_lost(f"re-layout 2x2 -> 1x2 with {timings[0][0]} streams running ({timings[0][1]:.1f} s), back to "
                        f"2x2 with {timings[1][0]} running ({timings[1][1]:.1f} s)", streams, elapsed, undisturbed)
+    print(f"a request sent during the first re-layout: HTTP {late.status_code}, text identical: "
+          f"{late.status_code == 200 and late.json()['choices'][0]['text'] == undisturbed[0][0]}")
+    assert late.status_code == 200 and late.json()["choices"][0]["text"] == undisturbed[0][0]
     assert timings[0][0] > 0 and timings[1][0] > 0  # both changes happened during the streams
     after = await engine_stats()
     assert after.restarts == before.restarts and after.kv_blocks_free == after.kv_blocks

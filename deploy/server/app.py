@@ -28,7 +28,7 @@ from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from cluster.config import ConfigError, TensorfleetConfig, format_validation_error, load_config
 from cluster.engine_client import EngineDeadError, EngineStats
-from cluster.relayout import Layout, LayoutRefused, LayoutStatus, check_layout, layout_of, relayout, with_layout
+from cluster.relayout import Layout, LayoutRefused, LayoutStatus, layout_of, plan_layout, relayout, with_layout
 from cluster.replica import build_engine
 from deploy.server.api import build_api
 
@@ -97,7 +97,7 @@ class TensorfleetServer:
     async def check_layout(self, layout: Layout) -> str | None:
         """Why `layout` would be refused now, or None; changes nothing."""
         try:
-            check_layout(self.engine, with_layout(self.deployed, layout))
+            plan_layout(self.engine, with_layout(self.deployed, layout))
         except LayoutRefused as e:
             return str(e)
         return None
