@@ -63,6 +63,15 @@ REBUILD_BACKOFF_S = (0.0, 2.0, 5.0, 10.0, 30.0)
 logger = logging.getLogger("tensorfleet.engine")
 
 
+@dataclass
+class _Relayout:
+    """A swap of workers the loop is to make between two steps."""
+
+    limits: EngineLimits
+    build: Callable[[], Executor]
+    done: asyncio.Future  # the seconds requests were paused, or why it failed
+
+
 def seed_for_completion(seed: int | None, index: int) -> int | None:
     """Completion i of a seeded request gets its own stream, the same every time."""
     return seed if seed is None or index == 0 else hash((seed, index)) & (2**62 - 1)
@@ -304,7 +313,7 @@ class Engine:
         self._wake.set()
         return await asyncio.shield(self._relayout.done)  # a caller that goes away stops nothing
 
-    async def _switch(self, relayout: "_Relayout") -> None:
+    async def _switch(self, relayout: _Relayout) -> None:
         start = time.monotonic()
         self._pause_requests(count_resume=False)
         self._switching = True
@@ -345,7 +354,7 @@ class Engine:
             return
         self.dead = error
         failed = self._pause_requests(count_resume=True, error=error)
-        logger.error("%s; rebuilding the workers, %d requests wait to resume, %d failed after %d resumes",
+        logger.error("%s; rebuilding the workers: %d requests will resume, %d failed (engine.max_resumes=%d)",
                      error, len(self.requests), failed, self.limits.max_resumes)
         self._ensure_loop()
         self._wake.set()
@@ -406,10 +415,3 @@ class Engine:
         self.gave_up = True
         attempts = len(REBUILD_BACKOFF_S)
         self._fail_all(EngineDeadError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))
-
-
-@dataclass
-class _Relayout:
-    limits: EngineLimits
-    build: Callable[[], Executor]
-    done: asyncio.Future
