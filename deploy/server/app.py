@@ -149,7 +149,8 @@ def deploy(config: TensorfleetConfig, layout: Layout | None = None, *, poll_s: f
     """Deploy the app on the connected Serve instance the way `serve deploy` does, and wait
     until it runs. Called again with the same config and another `layout`, it changes only
     the user_config, so Serve reconfigures the running replica in place; returns what the
-    replica then runs (and a refusal, if it refused). Pre-check with `check_layout`."""
+    replica then runs (and a refusal, if it refused). The replica's `check_layout` tells first
+    whether it would take a layout."""
     wanted = layout_of(with_layout(config, layout)) if layout is not None else None
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:build_app",
            "args": {"config": config.model_dump()},
