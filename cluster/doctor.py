@@ -50,7 +50,6 @@ from cluster.doctor_checks import (
     model_rows,
     placement_rows,
     plan_row,
-    stages_that_fit,
     version_rows,
 )
 from cluster.doctor_links import collective_rows, interface_rows, reachability_row
@@ -58,12 +57,13 @@ from cluster.node_facts import NodeFacts, node_facts
 from cluster.placement import (
     PlacementError,
     WorkerGroup,
-    bundles_want_gpus,
     place_workers,
     rank_bundle,
     rendezvous_address,
+    stages_that_fit,
 )
 from cluster.plan import Plan, PlanError
+from cluster.ray_executor import uses_gpus
 from cluster.replica import plan_replica
 
 NODE_FACTS_DEADLINE_S = 30.0  # a node's first task starts a Python worker (the facts import no torch)
@@ -157,7 +157,7 @@ def _labels(nodes: list[_Node], stages: dict[str, list[int]]) -> dict[str, str]:
 def _diagnose(plan: Plan, spec: WorkerSpec) -> list[Check]:
     tp, pp, device = spec.tp, spec.pp, spec.device
     backend = "nccl" if device == "cuda" else "gloo"
-    use_gpu = bundles_want_gpus(device)
+    use_gpu = uses_gpus(spec)
     bundle = rank_bundle(use_gpu)
     nodes = _live_nodes()
     fits = sum(stages_that_fit(n.resources.free, tp, bundle) for n in nodes) >= pp

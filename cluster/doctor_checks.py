@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.node_facts import NodeFacts
+from cluster.placement import stages_that_fit
 from cluster.plan import GiB, Plan
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -47,11 +48,6 @@ def plan_row(plan: Plan) -> Check:
                  f"tp={plan.tp} x pp={plan.pp}, layers per stage {list(plan.partition)}, "
                  f"{plan.num_kv_blocks} KV blocks; up to {_gib(biggest.total_bytes)} per rank "
                  f"(weights {_gib(biggest.weight_bytes)}, KV cache {_gib(biggest.kv_cache_bytes)})")
-
-
-def stages_that_fit(resources: dict[str, float], tp: int, bundle: dict[str, float]) -> int:
-    """How many TP groups of `tp` bundles these resources hold."""
-    return min(int(resources.get(k, 0) // (v * tp)) for k, v in bundle.items())
 
 
 def placement_rows(tp: int, pp: int, bundle: dict[str, float],

@@ -7,7 +7,9 @@ One actor per bundle; the driver addresses them as `workers[stage][tp_rank]`, gl
 `stage * tp + tp_rank` (the mesh `arange(pp * tp).reshape(pp, tp)`).
 
 Every wait has a deadline: a layout the cluster cannot hold fails with what it needed and
-what the cluster has, and leaves no placement group or actor behind.
+what the cluster has, and leaves no placement group or actor behind. `check_room` asks the
+same question up front, for a re-layout that must not touch the running workers unless
+the new ones will fit once those are gone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class WorkerGroup:
     node_ids: list[list[str]]  # as reported by each actor, same indexing as `workers`
     placement_groups: list[PlacementGroup]  # one per stage
     _alive: bool = field(default=True, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        """Still holding its workers and placement groups."""
+        return self._alive
 
     @property
     def flat(self) -> list[ActorHandle]:
@@ -107,14 +114,34 @@ def place_workers(
 
 
 def rank_bundle(use_gpu: bool) -> dict[str, float]:
-    """What one worker reserves: a GPU (real or logical) and a CPU, or a CPU alone."""
+    """What one worker's placement bundle reserves (a CPU alone on a CPU-only cluster)."""
     return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
 
 
-def bundles_want_gpus(device: str) -> bool:
-    """Whether a replica's bundles ask for GPUs: on CUDA, and on a CPU replica in a cluster
-    that declares (logical) GPUs, so that each stage still lands on one node's GPUs."""
-    return device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0
+def stages_that_fit(resources: dict[str, float], tp: int, bundle: dict[str, float]) -> int:
+    """How many TP groups of `tp` bundles one node's `resources` hold."""
+    return min(int(resources.get(k, 0) // (v * tp)) for k, v in bundle.items())
+
+
+def check_room(tp: int, pp: int, *, use_gpu: bool, released: WorkerGroup | None = None) -> None:
+    """Raise `PlacementError` unless `pp` stages of `tp` bundles, each stage on one node,
+    fit in what the alive nodes have free now plus what `released` (the workers a re-layout
+    replaces) still holds."""
+    bundle = rank_bundle(use_gpu)
+    free = {node: dict(res) for node, res in ray._private.state.available_resources_per_node().items()}
+    held = released.node_ids if released is not None and released.alive else []
+    for node in [n for stage in held for n in stage]:
+        for resource, amount in bundle.items():
+            free.setdefault(node, {})[resource] = free.get(node, {}).get(resource, 0) + amount
+    stages = sum(stages_that_fit(res, tp, bundle) for res in free.values())
+    if stages < pp:
+        unit = "GPU" if use_gpu else "CPU"
+        per_node = ", ".join(f"node {node[:8]}: {res.get(unit, 0):g}" for node, res in sorted(free.items()))
+        raise PlacementError(
+            f"cannot place tp={tp} x pp={pp}: it needs {pp} stage(s) of {tp} {unit}s on one node each, and the "
+            f"cluster has room for {stages} (free {unit}s per node once this replica's workers are released: "
+            f"{per_node or 'no alive nodes'}); choose a layout that fits, or free {unit}s or add nodes first"
+        )
 
 
 def rendezvous_address(rank0: ActorHandle, timeout_s: float = 60.0) -> str:
