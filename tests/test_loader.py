@@ -7,7 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from actors.attention import build_attention_metadata
 from actors.comm import ParallelContext, PipelineEdges, TPGroup
-from actors.loader import CheckpointError, load_checkpoint
+from actors.checkpoint import load_checkpoint
+from actors.loader import CheckpointError
 from actors.model_shape import UnsupportedModelError
 from actors.models.llama import LlamaStage
 from actors.sharding import ShardingError
@@ -81,6 +82,7 @@ def test_wrong_shape_names_tensor_and_shapes(tmp_path):
 
 
 def test_no_weights_in_directory(tmp_path):
+    llama_config().save_pretrained(tmp_path)  # config.json only: enough to plan, not to serve
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(LlamaStage(tiny_shape(llama_config()), ParallelContext.single(), range(5), torch.float32), tmp_path)
 

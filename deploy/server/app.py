@@ -5,7 +5,7 @@ constructor and removes them with itself; the HTTP routes come from `deploy.serv
 built on the replica after construction (Serve's late-bound ingress), so nothing heavy is
 pickled. `build_app` is what `serve run` / `serve deploy` import:
 
-    serve run deploy.server.app:build_app config=deploy/configs/default.yaml
+    serve run deploy.server.app:build_app config=my.yaml   # without config=: the default model
 """
 
 import logging
@@ -14,9 +14,10 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import TensorfleetConfig, load_config
+from cluster.config import TensorfleetConfig
 from cluster.engine_client import EngineDeadError, EngineStats
 from cluster.replica import build_engine
+from deploy.default_model import config_or_default
 from deploy.server.api import build_api
 
 logger = logging.getLogger("ray.serve")
@@ -83,7 +84,6 @@ def deployment_for(config: TensorfleetConfig) -> Application:
 
 
 def build_app(args: dict[str, str]) -> Application:
-    """Entry point for `serve run deploy.server.app:build_app config=PATH` and Serve config files."""
-    if "config" not in args:
-        raise ValueError("pass the tensorfleet YAML as an application argument: config=PATH")
-    return deployment_for(load_config(args["config"]))
+    """Entry point for `serve run deploy.server.app:build_app [config=PATH]` and Serve config
+    files; without config, the default model."""
+    return deployment_for(config_or_default(args.get("config")))
