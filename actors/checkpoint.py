@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from actors.comm import ParallelContext
 from actors.gguf_file import GGUFFile
 from actors.gguf_llama import architecture, gguf_name, hf_tensors, llama_hf_config
-from actors.loader import CheckpointError, ReadStats, load_into, missing_tensors
+from actors.loader import CheckpointError, ReadStats, load_into
 from actors.model_shape import ModelShape
-from actors.models.llama import LlamaStage
+from actors.models.llama import checkpoint_names
 
 
 class Checkpoint:
@@ -59,10 +58,7 @@ class Checkpoint:
 
     def check_complete(self) -> None:
         """Refuse a checkpoint that lacks a tensor the whole model needs (no tensor is read)."""
-        with torch.device("meta"):
-            model = LlamaStage(self.shape, ParallelContext.single(), range(self.shape.num_hidden_layers),
-                               torch.float32, max_positions=1)
-        if missing := missing_tensors(model, self.tensor_names()):
+        if missing := sorted(checkpoint_names(self.shape) - set(self.tensor_names())):
             raise self.incomplete(missing)
 
 

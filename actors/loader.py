@@ -7,7 +7,7 @@ read; tensors of other stages are never touched. `ReadStats` counts what was rea
 tests can show that a rank never materialises a matrix it does not own.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +60,6 @@ def load_into(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
     if needed:
         missing = sorted(needed.values())
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) this rank needs: {', '.join(missing[:8])}")
-
-
-def missing_tensors(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """The checkpoint names `model` needs that `names` lacks (no tensor is read)."""
-    needed = _needed_tensors(model)
-    for name in names:
-        if (target := _parameter_for(model, name)) is not None:
-            needed.pop(target, None)
-    return sorted(needed.values())
 
 
 def _parameter_for(model: nn.Module, name: str) -> tuple[str, Any] | None:

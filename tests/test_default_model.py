@@ -32,8 +32,9 @@ def hf_greedy(model, tokenizer, question: str, max_tokens: int) -> tuple[list[in
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                          tokenize=False)
     prompt = tokenizer.encode(text, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: the prompt holds the pad token (<|im_end|>), not padding
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return prompt, out[0, len(prompt):].tolist()
 

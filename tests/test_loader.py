@@ -10,13 +10,15 @@ from actors.comm import ParallelContext, PipelineEdges, TPGroup
 from actors.checkpoint import load_checkpoint
 from actors.loader import CheckpointError
 from actors.model_shape import UnsupportedModelError
-from actors.models.llama import LlamaStage
+from actors.models.llama import LlamaStage, checkpoint_names
 from actors.sharding import ShardingError
 from tests.tiny_models import (
+    build_hf_model,
     hf_prompt_logits,
     llama_config,
     max_rel_error,
     mistral_config,
+    qwen2_config,
     random_prompts,
     save_tiny,
     tiny_shape,
@@ -118,3 +120,12 @@ def test_llama_with_attention_and_mlp_bias(tmp_path):
     hf = save_tiny(cfg, tmp_path)
     prompts = random_prompts(cfg.vocab_size, [11])
     assert max_rel_error(single_rank_logits(cfg, tmp_path, prompts), hf_prompt_logits(hf, prompts)) < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [llama_config(attention_bias=True, mlp_bias=True), qwen2_config(), mistral_config()],
+                         ids=["llama-biases", "qwen2-tied", "mistral"])
+def test_checkpoint_names_are_what_hugging_face_saves(cfg):
+    """What a checkpoint must hold (checked before any worker starts) is exactly what
+    transformers saves for the same config, a tied head aside."""
+    saved = set(build_hf_model(cfg).state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    assert checkpoint_names(tiny_shape(cfg)) == saved
