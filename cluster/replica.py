@@ -5,6 +5,7 @@ back a ready `Engine`.
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoTokenizer
@@ -122,8 +123,10 @@ def _ray_connected() -> bool:
 def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
     plan, spec = plan_replica(cfg)
     checkpoint = open_checkpoint(spec.model_path)
-    tokenizer = load_tokenizer(checkpoint, log)
-    executor = build_executor(cfg, plan, spec, log)
+    with ThreadPoolExecutor(1) as background:  # the tokenizer loads (seconds for a GGUF) while workers start
+        tokenizer = background.submit(load_tokenizer, checkpoint, log)
+        executor = build_executor(cfg, plan, spec, log)
+        tokenizer = tokenizer.result()
     eng = cfg.engine
     limits = EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
                           eng.enable_prefix_caching, cfg.serve.max_waiting_requests)
