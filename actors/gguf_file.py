@@ -191,6 +191,7 @@ def _check_header(path: Path) -> None:
 
 # --- the header: little-endian, strings are a u64 length and UTF-8 bytes ---
 
+GGML_MAX_DIMS = 4
 _SCALARS = {VType.UINT8: "B", VType.INT8: "b", VType.UINT16: "H", VType.INT16: "h", VType.UINT32: "I",
             VType.INT32: "i", VType.FLOAT32: "f", VType.BOOL: "?", VType.UINT64: "Q", VType.INT64: "q",
             VType.FLOAT64: "d"}
@@ -239,8 +240,10 @@ def _parse_header(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
         metadata[key] = cur.value(VType(cur.scalar("I")))
     raw_infos = []
     for _ in range(n_tensors):
-        name = cur.string()
-        dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+        name, n_dims = cur.string(), cur.scalar("I")
+        if n_dims > GGML_MAX_DIMS:
+            raise ValueError(f"tensor {name!r} claims {n_dims} dimensions")
+        dims = [cur.scalar("Q") for _ in range(n_dims)]
         raw_infos.append((name, cur.scalar("I"), tuple(reversed(dims)), cur.scalar("Q")))
     alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if alignment <= 0 or alignment & (alignment - 1):
@@ -248,7 +251,10 @@ def _parse_header(buf: mmap.mmap) -> tuple[dict[str, Any], list[TensorInfo]]:
     data_start = -(-cur.pos // alignment) * alignment
     infos = []
     for name, code, shape, offset in raw_infos:
-        qtype = QType(code) if code in QType._value2member_map_ else code
+        try:
+            qtype = QType(code)
+        except ValueError:
+            qtype = code
         block, size = GGML_QUANT_SIZES.get(qtype, (1, 0))  # an unknown type's size is unknown
         if shape and shape[-1] % block:
             raise ValueError(f"tensor {name!r} has rows of {shape[-1]} values, not whole blocks of {block}")

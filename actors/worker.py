@@ -74,7 +74,7 @@ class Worker:
             timeout_s=self.spec.collective_timeout_s,
         )
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, float]:
         """Build this rank's part of the model and read its slices of the checkpoint."""
         start = time.perf_counter()
         with torch.device(self.device):
