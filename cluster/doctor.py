@@ -32,6 +32,7 @@ from ray._private.state import available_resources_per_node  # DeveloperAPI: fre
 from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.loader import CheckpointError
 from actors.model_shape import ModelShapeError
 from actors.sharding import ShardingError
 from actors.worker import WorkerSpec
@@ -101,7 +102,7 @@ def diagnose(cfg: TensorfleetConfig) -> Report:
     start = time.monotonic()
     try:
         plan, spec = plan_replica(cfg)
-    except (PlanError, ModelShapeError, ShardingError) as e:
+    except (PlanError, ModelShapeError, ShardingError, CheckpointError) as e:
         row = Check("plan", "driver", FAIL, str(e),
                     "change the config as the message says (`tensorfleet plan CONFIG` shows the layout)")
         return Report((row,), time.monotonic() - start)
@@ -165,8 +166,8 @@ def _diagnose(plan: Plan, spec: WorkerSpec) -> list[Check]:
     deadline = time.monotonic() + NODE_FACTS_DEADLINE_S
     pending = {n.node_id: _remote_node_facts.options(
         num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False),
-    ).remote(spec.model_dir, backend) for n in candidates}
-    driver = node_facts(spec.model_dir, backend)  # the reference, while the nodes answer
+    ).remote(spec.model_path, backend) for n in candidates}
+    driver = node_facts(spec.model_path, backend)  # the reference, while the nodes answer
 
     group, sites, rows = None, [], []
     if fits:

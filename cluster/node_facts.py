@@ -1,6 +1,6 @@
 """What one node looks like to a replica's workers, gathered on that node.
 
-`node_facts(model_dir, backend)` runs as a Ray task pinned to a node (and in the driver
+`node_facts(model_path, backend)` runs as a Ray task pinned to a node (and in the driver
 for reference): versions, CUDA and the NVIDIA driver, GPUs and their free memory, the
 model's files as that node sees the path, the interface and address the collectives will
 bind to (by the workers' own rule, `actors.net_interface.socket_ifnames`), and which Ray
@@ -24,7 +24,6 @@ from pathlib import Path
 import psutil
 import ray
 
-from actors.checkpoint_files import CheckpointError, checkpoint_files
 from actors.net_interface import socket_ifnames
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
@@ -45,7 +44,7 @@ class Gpu:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    path: str
+    path: str  # the checkpoint: a Hugging Face folder or a .gguf file
     sizes: dict[str, int]  # file name -> bytes, for every file a rank reads
     error: str | None  # why a rank could not read them here
 
@@ -82,7 +81,7 @@ class NodeFacts:
     slower_transport_env: dict[str, str]  # those of SLOWER_TRANSPORT_ENV set in a worker here
 
 
-def node_facts(model_dir: str, backend: str) -> NodeFacts:
+def node_facts(model_path: str, backend: str) -> NodeFacts:
     """Everything above, on the node this runs on; `backend` is "nccl" or "gloo"."""
     interfaces = ipv4_interfaces()
     node_ip = ray.util.get_node_ip_address()
@@ -105,7 +104,7 @@ def node_facts(model_dir: str, backend: str) -> NodeFacts:
         socket=socket_interface(backend, interfaces, node_ip),
         auth_mode=mode,
         token_fingerprint=fingerprint,
-        model=model_files(model_dir),
+        model=model_files(model_path),
         slower_transport_env={k: os.environ[k] for k in SLOWER_TRANSPORT_ENV if k in os.environ},
     )
 
@@ -137,16 +136,25 @@ def tensorfleet_version() -> str:
     return f"{release} (source {digest.hexdigest()[:12]})"
 
 
-def model_files(model_dir: str) -> ModelFiles:
-    """config.json and every checkpoint file a rank opens, as this node sees `model_dir`;
-    each must open and yield its first bytes (a mount that lists but cannot read fails)."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        return ModelFiles(model_dir, {}, f"{model_dir} does not exist on this node")
+def model_files(model_path: str) -> ModelFiles:
+    """Every file a rank opens (`Checkpoint.rank_files`), as this node sees `model_path`:
+    the checkpoint must open here as it does when a rank loads (configs and headers: a
+    truncated GGUF fails), and each file must yield its first bytes (a mount that lists
+    files but cannot read them fails too)."""
+    if not os.path.exists(model_path):
+        return ModelFiles(model_path, {}, f"{model_path} does not exist on this node")
     try:
-        files = [path / "config.json", *checkpoint_files(path)]
-    except CheckpointError as e:
-        return ModelFiles(model_dir, {}, str(e))
+        # Imported here: it needs torch, and the other facts should come back even from
+        # a node whose torch does not import.
+        from actors.checkpoint import open_checkpoint
+        from actors.loader import CheckpointError
+        from actors.model_shape import ModelShapeError
+    except ImportError as e:
+        return ModelFiles(model_path, {}, f"cannot open the checkpoint here: {e}")
+    try:
+        files = open_checkpoint(model_path).rank_files()
+    except (CheckpointError, ModelShapeError) as e:
+        return ModelFiles(model_path, {}, str(e))
     sizes = {}
     for file in files:
         try:
@@ -154,8 +162,8 @@ def model_files(model_dir: str) -> ModelFiles:
                 f.read(8)
             sizes[file.name] = file.stat().st_size
         except OSError as e:
-            return ModelFiles(model_dir, sizes, f"{file}: {e.strerror or e}")
-    return ModelFiles(model_dir, sizes, None)
+            return ModelFiles(model_path, sizes, f"{file}: {e.strerror or e}")
+    return ModelFiles(model_path, sizes, None)
 
 
 def ipv4_interfaces() -> dict[str, str]:

@@ -27,3 +27,9 @@ def parse_table(text: str) -> list[dict[str, str]]:
 def doctor_seconds(text: str) -> float:
     """The doctor's own time, from its summary line."""
     return float(re.search(r"^doctor: .* in ([\d.]+) s$", text, re.M)[1])
+
+
+def comparable(row: dict[str, str]) -> tuple[str, ...]:
+    """A row without what differs between two runs on the same cluster: the ports the TCP
+    probes listened on and which stage Ray placed on which node."""
+    return tuple(re.sub(r" stages? [\d-]+", "", re.sub(r":\d+ ", ":PORT ", v)) for v in row.values())

@@ -22,7 +22,6 @@ collectives; host A reaches it through a route via B's eth0.
 
 import contextlib
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -37,7 +36,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.doctor_table import doctor_seconds, parse_table
+from tests.doctor_table import comparable, doctor_seconds, parse_table
 from tests.two_hosts import HostsBusy, TwoHosts, namespaces_unavailable
 
 pytestmark = pytest.mark.slow
@@ -377,8 +376,3 @@ def test_doctor_names_the_broken_thing_and_serve_stops_on_it(hosts, cluster, cha
         served = [r for r in parse_table(out) if r["result"] == "fail"]
         assert sorted(map(comparable, served)) == sorted(map(comparable, failed)), out
 
-
-def comparable(row: dict[str, str]) -> tuple[str, ...]:
-    """A row without what differs between two runs: the ports the TCP probes listened on
-    and which stage Ray placed on which host."""
-    return tuple(re.sub(r" stages? [\d-]+", "", re.sub(r":\d+ ", ":PORT ", v)) for v in row.values())
