@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.attention import build_attention_metadata
 from actors.comm import ParallelContext, PipelineEdges, TPGroup
 from actors.loader import CheckpointError, load_checkpoint
 from actors.model_shape import UnsupportedModelError
 from actors.models.llama import LlamaStage
 from actors.sharding import ShardingError
+from tests.threaded_tp import stage_prompt_logits
 from tests.tiny_models import (
     hf_prompt_logits,
     llama_config,
@@ -25,19 +25,7 @@ from tests.tiny_models import (
 def single_rank_logits(cfg, path, prompts, dtype=torch.float32):
     model = LlamaStage(tiny_shape(cfg), ParallelContext.single(), range(cfg.num_hidden_layers), dtype)
     load_checkpoint(model, path)
-    for layer in model.model.layers.values():
-        a = layer.self_attn.attn
-        a.kv_cache = torch.zeros(2, 64 * 8, a.num_kv_heads, a.head_dim, dtype=dtype)
-    lens = [len(p) for p in prompts]
-    tables, nxt = [], 0
-    for n in lens:
-        tables.append(list(range(nxt, nxt + -(-n // 8))))
-        nxt += len(tables[-1])
-    meta = build_attention_metadata(lens, lens, tables, 8)
-    ids = torch.tensor([t for p in prompts for t in p])
-    pos = torch.tensor([i for n in lens for i in range(n)])
-    with torch.no_grad():
-        return list(model.compute_logits(model(ids, pos, meta)).split(lens))
+    return stage_prompt_logits(model, prompts)
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
