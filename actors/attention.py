@@ -118,8 +118,9 @@ class PagedAttention(torch.nn.Module):
       the unused slots), so each KV head's keys are still read once: the padded slots cost
       a little compute on a step bound by reading the cache;
     - prefill repeats each KV head for the query heads that read it (an index_select over
-      heads), so compute-bound prefill spends nothing on padding; measured faster than
-      padded slots and no slower than one call per group (deploy/bench/imbalance.py).
+      heads), so compute-bound prefill spends nothing on padding: cheaper than padded
+      slots, which cost at least what the even path over the padded head count does
+      (deploy/bench/imbalance.py measures both).
     Equal groups take the plain GQA path, untouched.
     """
 

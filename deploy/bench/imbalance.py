@@ -23,6 +23,7 @@ Then one layer's paged attention alone (one thread, in this process), uneven que
 import argparse
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -101,9 +102,9 @@ def rank_main(spec: WorkerSpec, tp_rank: int, init_method: str, workload: Worklo
 class Layout:
     """The ranks of one TP layout, as processes that stay up between rounds."""
 
-    def __init__(self, spec: WorkerSpec, workload: Workload):
+    def __init__(self, spec: WorkerSpec, workload: Workload, rendezvous: Path):
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"file://{rendezvous}"  # a file store: no port to find
         self.conns, self.procs = [], []
         for r in range(spec.tp):
             parent, child = ctx.Pipe()
@@ -125,14 +126,6 @@ class Layout:
             c.send("stop")
         for p in self.procs:
             p.join(timeout=30)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def median_ms(values: list[float]) -> float:
@@ -158,6 +151,7 @@ def summarize(rounds: list[list[dict]], spec: WorkerSpec) -> list[dict]:
 def attention_costs(workload: Workload, repeats: int) -> list[dict]:
     """One layer's paged attention per rank shape: uneven groups against even ones."""
     torch.set_num_threads(1)
+    random.seed(0)
     d = 64
     cases = {"5 heads over 2 KV (3, 2), tp=2 rank 0": (3, 2), "4 heads over 2 KV (1, 3), tp=2 rank 1": (1, 3),
              "6 heads over 2 KV (3, 3), even": (3, 3), "3 heads over 1 KV (3), tp=3 rank": (3,)}
@@ -172,8 +166,11 @@ def attention_costs(workload: Workload, repeats: int) -> list[dict]:
             q = torch.randn(tokens, sum(groups), d)
             kv = torch.randn(tokens, len(groups), d)
             layers[name] = (attn, q, kv)
-        for _ in range(repeats):  # interleaved
-            for name, (attn, q, kv) in layers.items():
+        order = list(layers)
+        for _ in range(repeats):  # interleaved, in a fresh order each time
+            random.shuffle(order)
+            for name in order:
+                attn, q, kv = layers[name]
                 start = time.perf_counter()
                 attn(q, kv, kv, meta)
                 timings[name].append(time.perf_counter() - start)
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape.from_dir(tmp)
         specs = {name: WorkerSpec(tmp, shape, tp, 1, None, "float32", "cpu", max_model_len=args.context + args.prompt,
                                   block_size=BLOCK_SIZE, cpu_threads=1) for name, tp in LAYOUTS.items()}
-        layouts = {name: Layout(spec, workload) for name, spec in specs.items()}
+        layouts = {name: Layout(spec, workload, Path(tmp) / f"rendezvous-tp{spec.tp}") for name, spec in specs.items()}
         try:
             rounds = {name: [] for name in layouts}
             for i in range(args.rounds):
