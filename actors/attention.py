@@ -112,11 +112,12 @@ class PagedAttention(torch.nn.Module):
     """softmax(Q K^T / sqrt(d)) V for this rank's query heads against its KV heads.
 
     GQA: `groups[k]` consecutive query heads read KV head k (default: num_heads / num_kv_heads
-    each). An uneven split of the heads can leave a rank unequal groups, e.g. query heads
-    0-4 over KV heads 0-1 as (3, 2). Then
-    - decode places each query head in a padded slot of a [kv, max(groups)] grid (zeros in
-      the unused slots), so each KV head's keys are still read once: the padded slots cost
-      a little compute on a step bound by reading the cache;
+    each). An uneven split of the heads can leave a rank unequal groups: its query heads are
+    a contiguous range, so only its first and last KV heads may serve fewer than the others,
+    e.g. query heads 0-4 over KV heads 0-1 as (3, 2), or 5-8 over 1-2 as (1, 3). Then
+    - decode lays the query heads into a [KV, max(groups)] grid of slots, zeros before the
+      first head and after the last (one F.pad), so each KV head's keys are still read
+      once: the empty slots cost a little compute on a step bound by reading the cache;
     - prefill repeats each KV head for the query heads that read it (an index_select over
       heads), so compute-bound prefill spends nothing on padding: cheaper than padded
       slots, which cost at least what the even path over the padded head count does
@@ -130,14 +131,15 @@ class PagedAttention(torch.nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         groups = groups or (num_heads // num_kv_heads,) * num_kv_heads
-        if len(groups) != num_kv_heads or sum(groups) != num_heads:
-            raise ValueError(f"groups {groups} do not cover {num_heads} query heads over {num_kv_heads} KV heads")
-        self.group_slots = max(groups)  # query slots per KV head in decode
+        slots = max(groups)  # query slots per KV head in decode
+        if len(groups) != num_kv_heads or sum(groups) != num_heads or any(g != slots for g in groups[1:-1]):
+            raise ValueError(f"groups {groups} are not {num_heads} consecutive query heads over {num_kv_heads} KV heads")
+        self.group_slots = slots
         self.uneven = len(set(groups)) > 1
+        before = slots - groups[0]
+        self.decode_pad = (0, 0, before, num_kv_heads * slots - before - num_heads)  # F.pad of [b, H, d] on H
         kv_of_head = [k for k, g in enumerate(groups) for _ in range(g)]
-        slot_of_head = [k * self.group_slots + j for k, g in enumerate(groups) for j in range(g)]
         self.register_buffer("kv_of_head", torch.tensor(kv_of_head), persistent=False)
-        self.register_buffer("slot_of_head", torch.tensor(slot_of_head), persistent=False)
         self.kv_cache: torch.Tensor | None = None  # set by the worker when it allocates KV
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -167,11 +169,13 @@ class PagedAttention(torch.nn.Module):
         for g in meta.decodes:
             b = g.rows.numel()
             qg = q.index_select(0, g.rows)  # [b, H, d]
-            if self.uneven:  # [b, KV * slots, d], zeros in the unused slots
-                qg = qg.new_zeros(b, kv * slots, d).index_copy_(1, self.slot_of_head, qg)
+            if self.uneven:  # [b, KV * slots, d]: zeros in the empty slots
+                qg = F.pad(qg, self.decode_pad)
             qg = qg.view(b, kv, slots, d)  # [b, KV, G, d]
             kg = cache[0].index_select(0, g.slots).view(b, g.width, kv, d).transpose(1, 2)  # [b, KV, L, d]
             vg = cache[1].index_select(0, g.slots).view(b, g.width, kv, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask).reshape(b, kv * slots, d)
-            out.index_copy_(0, g.rows, o.index_select(1, self.slot_of_head) if self.uneven else o)
+            if self.uneven:
+                o = o[:, self.decode_pad[2] : self.decode_pad[2] + self.num_heads]
+            out.index_copy_(0, g.rows, o)
         return out.flatten(1)

@@ -23,7 +23,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: tuple[i
     return torch.einsum("hqk,khd->qhd", probs, v).flatten(1)
 
 
-@pytest.mark.parametrize("groups", [(3, 3), (3, 2), (1, 3), (2, 1, 2)], ids=str)
+@pytest.mark.parametrize("groups", [(3, 3), (3, 2), (1, 3), (1, 3, 2), (2, 3, 3), (1,)], ids=str)
 def test_mixed_step_matches_attention_per_sequence(groups):
     heads, kv_heads = sum(groups), len(groups)
     g = torch.Generator().manual_seed(0)
@@ -52,6 +52,8 @@ def test_mixed_step_matches_attention_per_sequence(groups):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_groups_must_cover_the_heads():
-    with pytest.raises(ValueError, match="do not cover 5 query heads over 2 KV heads"):
+def test_groups_must_be_consecutive_heads():
+    with pytest.raises(ValueError, match="not 5 consecutive query heads over 2 KV heads"):
         PagedAttention(5, 2, D, (3, 3))
+    with pytest.raises(ValueError, match="not 5 consecutive query heads over 3 KV heads"):
+        PagedAttention(5, 3, D, (2, 1, 2))  # a KV head between two others serves all its queries

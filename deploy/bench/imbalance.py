@@ -57,8 +57,8 @@ class Workload:
     steps: int  # of each phase per round
 
     def phases(self, device: torch.device):
-        """(phase, token ids, positions, attention metadata) of one step of each phase; the
-        KV cache holds zeros, which cost the same to read as real keys."""
+        """(phase, token ids, positions, attention metadata) of one step of each phase, over
+        a KV cache of random values."""
         blocks = -(-self.context // BLOCK_SIZE)
         tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(self.batch)]
         decode = build_attention_metadata([1] * self.batch, [self.context] * self.batch, tables, BLOCK_SIZE, device)
@@ -81,6 +81,9 @@ def rank_main(spec: WorkerSpec, tp_rank: int, init_method: str, workload: Worklo
     worker.init_groups(init_method)
     worker.load()
     worker.allocate_kv(workload.num_blocks)
+    for attn in worker.model.modules():  # a zeroed cache maps the zero page: reads would be free
+        if isinstance(attn, PagedAttention):
+            attn.kv_cache.normal_()
     phases = workload.phases(worker.device)
     stats, group = worker.ctx.tp.stats, worker.ctx.tp.group
     conn.send("ready")
@@ -162,7 +165,7 @@ def attention_costs(workload: Workload, repeats: int) -> list[dict]:
         layers = {}
         for name, groups in cases.items():
             attn = PagedAttention(sum(groups), len(groups), d, groups)
-            attn.kv_cache = torch.zeros(2, workload.num_blocks * BLOCK_SIZE, len(groups), d)
+            attn.kv_cache = torch.randn(2, workload.num_blocks * BLOCK_SIZE, len(groups), d)
             q = torch.randn(tokens, sum(groups), d)
             kv = torch.randn(tokens, len(groups), d)
             layers[name] = (attn, q, kv)
