@@ -370,7 +370,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("  ".join(cells).rstrip())
     weights = sum(r.weight_bytes for r in plan.ranks)
     blocks = ", ".join(
-        f"stage {st.stage}: " + " / ".join(sorted({f"{r.kv_block_bytes / 2**20:.2f}" for r in st.ranks})) + " MiB"
+        f"stage {st.stage}: " + " / ".join(f"{n / 2**20:.2f}" for n in sorted({r.kv_block_bytes for r in st.ranks}))
+        + " MiB"
         for st in plan.stages
     )
     source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from memory"

@@ -11,8 +11,10 @@ of `--prompt` tokens, so a slow spell of the machine hits every layout alike. A 
 the decoder only (embedding, layers, final norm: no LM head or sampling, which are split
 evenly whatever the heads), started on all ranks at once behind a barrier. Per rank:
   forward    the step's wall time on that rank
-  all-reduce time inside the all-reduces: transfer, plus waiting for the slower rank
-  compute    forward - all-reduce: the rank's own work
+  all-reduce wall time inside the all-reduces: transfer, plus waiting for the slower rank
+  compute    CPU time of the rank's thread in the step: its own work, which time slices
+             lost to other processes on a busy machine do not inflate (gloo moves data
+             on its own threads, so waiting is not counted)
 The table shows medians over all steps. The cost of the imbalance is the busiest rank's
 compute over the others', paid as all-reduce wait by the less loaded rank.
 
@@ -93,11 +95,11 @@ def rank_main(spec: WorkerSpec, tp_rank: int, init_method: str, workload: Worklo
             rows = []
             for _ in range(workload.steps):
                 dist.barrier(group=group)
-                reduce_before, start = stats.all_reduce_seconds, time.perf_counter()
+                reduce_before, start, cpu = stats.all_reduce_seconds, time.perf_counter(), time.thread_time()
                 with torch.inference_mode():
                     worker.model(ids, pos, meta)
-                forward = time.perf_counter() - start
-                rows.append((forward, stats.all_reduce_seconds - reduce_before))
+                forward, cpu = time.perf_counter() - start, time.thread_time() - cpu
+                rows.append((forward, stats.all_reduce_seconds - reduce_before, cpu))
             times[phase] = rows
         conn.send(times)
 
@@ -119,7 +121,8 @@ class Layout:
             if not c.poll(600) or c.recv() != "ready":
                 raise RuntimeError("a rank did not start within 10 minutes")
 
-    def round(self) -> list[dict[str, list[tuple[float, float]]]]:
+    def round(self) -> list[dict[str, list[tuple[float, float, float]]]]:
+        """Per rank, per phase: (forward, all-reduce, compute) seconds of each step."""
         for c in self.conns:
             c.send("round")
         return [c.recv() for c in self.conns]
@@ -145,14 +148,15 @@ def summarize(rounds: list[list[dict]], spec: WorkerSpec) -> list[dict]:
             rows.append({
                 "phase": phase, "rank": r, "q_heads": shard.heads.num_heads, "kv_heads": shard.heads.num_kv_heads,
                 "groups": list(shard.heads.groups), "mlp_cols": shard.intermediate.size,
-                "forward_ms": median_ms([f for f, _ in steps]), "all_reduce_ms": median_ms([a for _, a in steps]),
-                "compute_ms": median_ms([f - a for f, a in steps]),
+                "forward_ms": median_ms([f for f, _, _ in steps]), "all_reduce_ms": median_ms([a for _, a, _ in steps]),
+                "compute_ms": median_ms([c for _, _, c in steps]),
             })
     return rows
 
 
 def attention_costs(workload: Workload, repeats: int) -> list[dict]:
-    """One layer's paged attention per rank shape: uneven groups against even ones."""
+    """One layer's paged attention per rank shape, uneven groups against even ones (CPU
+    time of this thread per call)."""
     torch.set_num_threads(1)
     random.seed(0)
     d = 64
@@ -174,9 +178,9 @@ def attention_costs(workload: Workload, repeats: int) -> list[dict]:
             random.shuffle(order)
             for name in order:
                 attn, q, kv = layers[name]
-                start = time.perf_counter()
+                start = time.thread_time()
                 attn(q, kv, kv, meta)
-                timings[name].append(time.perf_counter() - start)
+                timings[name].append(time.thread_time() - start)
         out += [{"phase": phase, "case": name, "ms": median_ms(t)} for name, t in timings.items()]
     return out
 
@@ -188,7 +192,7 @@ def format_report(results: dict) -> str:
         f"{w['steps']} steps; decode: {w['batch']} sequences at {w['context']} cached tokens; "
         f"prefill: {w['prompt']} tokens; medians",
         "",
-        "| layout | phase | rank | q heads (groups) | MLP cols | forward ms | compute ms | all-reduce ms |",
+        "| layout | phase | rank | q heads (groups) | MLP cols | forward ms | compute ms (CPU) | all-reduce ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for layout, rows in results["layouts"].items():
@@ -203,7 +207,7 @@ def format_report(results: dict) -> str:
             busy, idle = max(ph, key=lambda r: r["compute_ms"]), min(ph, key=lambda r: r["compute_ms"])
             lines.append(f"- {layout} {phase}: rank {busy['rank']} computes {busy['compute_ms'] / idle['compute_ms']:.2f}x "
                          f"rank {idle['rank']}'s time; step {max(r['forward_ms'] for r in ph):.1f} ms")
-    lines += ["", "one layer's paged attention, 1 thread:", "",
+    lines += ["", "one layer's paged attention, 1 thread, CPU time per call:", "",
               "| phase | rank's heads | ms |", "| --- | --- | --- |"]
     lines += [f"| {a['phase']} | {a['case']} | {a['ms']:.3f} |" for a in results["attention"]]
     lines += ["", "machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items())]
