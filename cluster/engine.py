@@ -169,7 +169,7 @@ class Engine:
     def _record_scheduler_state(self) -> None:
         s, b = self.scheduler, self.blocks
         self.metrics.scheduler_state(len(s.running), len(s.waiting), b.usage(), s.stats.preemptions,
-                                     b.stats.queried_tokens, b.stats.hit_tokens)
+                                     s.stats.prefix_queried_tokens, s.stats.prefix_hit_tokens)
 
     async def _run(self) -> None:
         while True:

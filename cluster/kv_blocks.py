@@ -22,12 +22,6 @@ class Block:
 
 
 @dataclass
-class PrefixCacheStats:
-    queried_tokens: int = 0
-    hit_tokens: int = 0
-
-
-@dataclass
 class SeqBlocks:
     """The blocks one sequence holds, and the keys of its full blocks so far."""
 
@@ -42,7 +36,6 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # prefix key -> block id
-        self.stats = PrefixCacheStats()
 
     @property
     def num_blocks(self) -> int:
@@ -69,7 +62,6 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        self.stats.queried_tokens += len(tokens)
         parent = None
         for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
             key = self._key(parent, tokens[start : start + bs])
@@ -80,9 +72,7 @@ class BlockManager:
             seq.block_ids.append(block_id)
             seq.keys.append(key)
             parent = key
-        hit = len(seq.block_ids) * bs
-        self.stats.hit_tokens += hit
-        return hit
+        return len(seq.block_ids) * bs
 
     def allocate(self, seq: SeqBlocks, num_tokens: int) -> list[int] | None:
         """Grow `seq` to hold `num_tokens` tokens; the new block ids, or None (nothing

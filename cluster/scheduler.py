@@ -29,6 +29,8 @@ class ScheduledSeq:
 class SchedulerStats:
     preemptions: int = 0
     prefill_tokens_computed: int = 0
+    prefix_queried_tokens: int = 0  # tokens of admitted sequences looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, found there
 
 
 class Scheduler:
@@ -60,12 +62,19 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.blocks.block_ids:
-                seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
+            seq.num_computed = self.blocks.match_prefix(seq.blocks, seq.tokens)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if self.blocks.allocate(seq.blocks, seq.num_computed + n) is None:
-                break  # wait for blocks; keep its prefix-cache hold, it is next in line
+                # Wait for blocks holding nothing: a waiting sequence that kept its prefix
+                # hits could starve the sequences requeued ahead of it (preempted ones) of
+                # exactly those blocks. They stay cached, so the next try finds them again.
+                self.blocks.release(seq.blocks)
+                seq.num_computed = 0
+                break
             self.waiting.popleft()
+            if self.blocks.enable_prefix_caching:
+                self.stats.prefix_queried_tokens += seq.num_tokens
+                self.stats.prefix_hit_tokens += seq.num_computed
             if seq.admitted_at is None:  # first admission, not a recompute after preemption
                 seq.admitted_at = time.monotonic()
                 seq.num_cached_prompt = seq.num_computed
