@@ -12,9 +12,9 @@ the decoder only (embedding, layers, final norm: no LM head or sampling, which a
 evenly whatever the heads), started on all ranks at once behind a barrier. Per rank:
   forward    the step's wall time on that rank
   all-reduce wall time inside the all-reduces: transfer, plus waiting for the slower rank
-  compute    CPU time of the rank's thread in the step: its own work, which time slices
-             lost to other processes on a busy machine do not inflate (gloo moves data
-             on its own threads, so waiting is not counted)
+  compute    CPU time of the rank's thread in the step outside the all-reduces: its own
+             work, which time slices lost to other processes on a busy machine do not
+             inflate
 The table shows medians over all steps. The cost of the imbalance is the busiest rank's
 compute over the others', paid as all-reduce wait by the less loaded rank.
 
@@ -87,7 +87,19 @@ def rank_main(spec: WorkerSpec, tp_rank: int, init_method: str, workload: Worklo
         if isinstance(attn, PagedAttention):
             attn.kv_cache.normal_()
     phases = workload.phases(worker.device)
-    stats, group = worker.ctx.tp.stats, worker.ctx.tp.group
+    tp = worker.ctx.tp
+    stats, group, reduce_cpu = tp.stats, tp.group, [0.0]
+    all_reduce = tp.all_reduce
+
+    def timed_all_reduce(x: torch.Tensor) -> torch.Tensor:
+        """The all-reduce, counting its CPU time: a shared-memory one polls while it waits."""
+        cpu = time.thread_time()
+        try:
+            return all_reduce(x)
+        finally:
+            reduce_cpu[0] += time.thread_time() - cpu
+
+    tp.all_reduce = timed_all_reduce  # this process's group only, for the benchmark
     conn.send("ready")
     while conn.recv() == "round":
         times = {}
@@ -95,11 +107,12 @@ def rank_main(spec: WorkerSpec, tp_rank: int, init_method: str, workload: Worklo
             rows = []
             for _ in range(workload.steps):
                 dist.barrier(group=group)
-                reduce_before, start, cpu = stats.all_reduce_seconds, time.perf_counter(), time.thread_time()
+                reduce_before, reduce_cpu_before = stats.all_reduce_seconds, reduce_cpu[0]
+                start, cpu = time.perf_counter(), time.thread_time()
                 with torch.inference_mode():
                     worker.model(ids, pos, meta)
                 forward, cpu = time.perf_counter() - start, time.thread_time() - cpu
-                rows.append((forward, stats.all_reduce_seconds - reduce_before, cpu))
+                rows.append((forward, stats.all_reduce_seconds - reduce_before, cpu - (reduce_cpu[0] - reduce_cpu_before)))
             times[phase] = rows
         conn.send(times)
 
