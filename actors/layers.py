@@ -12,7 +12,7 @@ the rows or columns it owns.
 
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class QKVParallelLinear(ParallelColumns):
     is computed on each of them. Output columns on a rank are [q heads | k heads | v heads].
     """
 
-    SHARD_IDS = {"q": 0, "k": 1, "v": 2}
+    SHARD_IDS: ClassVar[dict[str, int]] = {"q": 0, "k": 1, "v": 2}
 
     def __init__(self, hidden_size: int, head_dim: int, total_heads: int, total_kv_heads: int, shard: HeadShard, *,
                  bias: bool, tp: TPGroup, dtype: torch.dtype):

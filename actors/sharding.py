@@ -29,7 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 from actors.model_shape import ModelShape
 
@@ -97,7 +97,7 @@ def split_sizes(total: int, parts: int, weights: Sequence[float] | None = None) 
 def spans(sizes: Sequence[int], unit: int = 1) -> list[Span]:
     """Consecutive ranges of `sizes[i] * unit` elements, rank by rank."""
     bounds = [unit * b for b in accumulate(sizes, initial=0)]
-    return [Span(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [Span(a, b) for a, b in pairwise(bounds)]
 
 
 def even_span(total: int, tp: int, tp_rank: int) -> Span:

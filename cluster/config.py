@@ -30,8 +30,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )

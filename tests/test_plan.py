@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from actors.model_shape import ModelShape
-from cluster.config import EngineConfig, ParallelConfig
 from actors.sharding import Span
+from cluster.config import EngineConfig, ParallelConfig
 from cluster.plan import ClusterSpec, PlanError, make_plan
 from deploy.cli.main import main
 from deploy.cli.plan import parse_size

@@ -13,8 +13,8 @@ from actors.sharding import (
     head_shards,
     intermediate_spans,
     layer_partition,
-    split_sizes,
     spans,
+    split_sizes,
 )
 
 

@@ -44,9 +44,9 @@ from deploy.bench.report import machine
 from deploy.bench.workload import save_bench_model
 
 # SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M), the default served model.
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
 LAYOUTS = {"tp=2 (heads 5 | 4)": 2, "tp=3 (heads 3 | 3 | 3)": 3}
 BLOCK_SIZE = 16
 
@@ -201,9 +201,9 @@ def attention_costs(workload: Workload, repeats: int) -> list[dict]:
 def format_report(results: dict) -> str:
     w = results["workload"]
     lines = [
-        f"SmolLM2-135M shape ({results['layers']} layers), fp32, one thread per rank, {results['rounds']} rounds x "
-        f"{w['steps']} steps; decode: {w['batch']} sequences at {w['context']} cached tokens; "
-        f"prefill: {w['prompt']} tokens; medians",
+        (f"SmolLM2-135M shape ({results['layers']} layers), fp32, one thread per rank, {results['rounds']} rounds x "
+         f"{w['steps']} steps; decode: {w['batch']} sequences at {w['context']} cached tokens; "
+         f"prefill: {w['prompt']} tokens; medians"),
         "",
         "| layout | phase | rank | q heads (groups) | MLP cols | forward ms | compute ms (CPU) | all-reduce ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
