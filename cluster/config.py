@@ -1,14 +1,14 @@
-"""The YAML a user writes (pydantic, vLLM's names) and the model shape read from config.json.
+"""The YAML a user writes (pydantic, vLLM's names).
 
 ```yaml
-model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files
-served_model_name: my-model      # optional, default: the directory name
+model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files, or a .gguf file
+served_model_name: my-model      # optional, default: the directory's (or file's) name
 dtype: auto                      # auto | float32 | bfloat16 | float16
 parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null,
            tensor_split: null, device: auto}
 engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, block_size: 16,
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
-         step_deadline_s: 30, executor: plain}
+         step_deadline_s: 30, max_resumes: 3, executor: plain}
 serve: {host: 127.0.0.1, port: 8000, api_key: null, max_waiting_requests: 256,
         max_body_bytes: 1048576, graceful_shutdown_s: 30}
 ```
@@ -94,6 +94,9 @@ class EngineConfig(_Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
     step_deadline_s: float = Field(30.0, gt=0)  # a longer step means a stuck worker
+    # A request resumes on rebuilt workers after a worker failure; one caught by more
+    # failures than this fails (a request that keeps meeting failures may be their cause).
+    max_resumes: int = Field(3, ge=0)
     # compiled: ~5x less per-step overhead, but in Ray 2.60 a worker dying mid-step can
     # crash its node's raylet (ray-project/ray#63229), which turns a recoverable worker
     # failure into a lost node; plain survives it, so it is the default. Its channel waits
@@ -118,7 +121,7 @@ class ServeConfig(_Section):
 
 class TensorfleetConfig(_Section):
     model: str = Field(min_length=1)
-    served_model_name: str = ""  # "" (or omitted): the model directory's name
+    served_model_name: str = ""  # "" (or omitted): the model directory's name, or the GGUF file's
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig = EngineConfig()
@@ -130,7 +133,8 @@ class TensorfleetConfig(_Section):
         if isinstance(data, dict) and not data.get("served_model_name"):
             model = data.get("model")
             if isinstance(model, str) and model:
-                data = {**data, "served_model_name": Path(os.path.abspath(model)).name}
+                name = Path(os.path.abspath(model)).name.removesuffix(".gguf")
+                data = {**data, "served_model_name": name}
         return data
 
 

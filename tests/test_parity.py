@@ -3,15 +3,8 @@
 import pytest
 import torch
 
-from actors.gguf_file import GGUFFile
-from actors.gguf_llama import hf_tensors, llama_hf_config
-from actors.loader import load_into
-from actors.model_shape import ModelShape
-from actors.models.llama import LlamaStage
 from actors.worker import WorkerSpec
 from tests.mp_harness import run_layout
-from tests.test_gguf_file import SMOLLM2, needs_smollm2
-from tests.threaded_tp import context, run_ranks, stage_prompt_logits
 from tests.tiny_models import (
     hf_prompt_logits,
     llama_config,
@@ -120,34 +113,3 @@ def test_weighted_split_holds_and_reads_its_share(checkpoints):
         padding = 24 * 72 * 4 if tp_rank == 1 else 0  # rows 1000-1023 are never read
         assert rep["bytes_read"] == rep["weight_bytes"] - padding
 
-
-@pytest.fixture(scope="module")
-def real_smollm2():
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32).eval()
-    shape = ModelShape.from_dict(llama_hf_config(GGUFFile(SMOLLM2)))
-    prompts = random_prompts(shape.vocab_size, [17, 40])
-    return shape, prompts, hf_prompt_logits(hf, prompts)
-
-
-@pytest.mark.slow
-@needs_smollm2
-@pytest.mark.parametrize("tp,tensor_split", [(2, None), (2, (2, 1)), (4, None)], ids=str)
-def test_real_smollm2_gguf_matches_transformers(real_smollm2, tp, tensor_split):
-    """The default model's real weights (Q4_1 GGUF, 9 heads / 3 KV heads) split unevenly,
-    its ranks as threads of this process (the worker does not read GGUF files yet)."""
-    shape, prompts, want = real_smollm2
-
-    def rank(group):
-        stage = LlamaStage(shape, context(group), range(shape.num_hidden_layers), torch.float32,
-                           tensor_split=tensor_split)
-        load_into(stage, hf_tensors(GGUFFile(SMOLLM2)))
-        return stage_prompt_logits(stage, prompts)
-
-    got = run_ranks(tp, rank)[0]
-    err = max_rel_error(got, want)
-    print(f"SmolLM2-135M Q4_1 tp={tp} tensor_split={tensor_split}: max relative error {err:.2e}")
-    assert err < 1e-4
-    for g, w in zip(got, want):
-        assert torch.equal(g.argmax(-1), w.argmax(-1))
