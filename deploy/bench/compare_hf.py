@@ -94,10 +94,15 @@ async def _tensorfleet(engine, work: Workload, prompt: list[int], decode_tokens:
 
 def _hf(config: TensorfleetConfig, work: Workload, prompt: list[int], decode_tokens: int, repeats: int,
         batch_sizes: tuple[int, ...], device: torch.device, log: Callable[[str], None]):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     path, options = open_checkpoint(config.model).transformers_args()
+    if "gguf_file" in options:  # dense weights in the dtype, as tensorfleet loads them (not packed GGUF blocks)
+        options["quantization_config"] = GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path, **options, dtype=getattr(torch, config.dtype)).to(device).eval()
+    if {p.dtype for p in model.parameters()} != {getattr(torch, config.dtype)}:
+        raise RuntimeError(f"HF loaded {config.model} with parameters of {({p.dtype for p in model.parameters()})}, "
+                           f"not {config.dtype} alone: the comparison would not be in the same dtype")
     weights = weight_bytes_per_token(model)
     bandwidth = statistics.median(copy_bandwidth(device, max(weights, 1 << 26)) for _ in range(3))
     hf_run(model, prompt, 4, device)  # warm-up
