@@ -93,6 +93,7 @@ class Engine:
         if request_id in self.requests:
             raise ParamError("request_id", f"{request_id!r} is already running")
         params.validate(self.max_model_len, len(prompt_ids))
+        params.check_token_ids(self.vocab_size)
         if len(self.scheduler.waiting) + params.n > self.limits.max_waiting_requests:
             self.metrics.rejected_request("overloaded")
             raise EngineOverloadedError(
@@ -102,6 +103,8 @@ class Engine:
             raise ParamError("max_tokens", f"prompt + max_tokens exceeds the whole KV cache ({capacity} tokens)")
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
+        if params.grammar is not None and self.tokenizer is None:
+            raise ParamError("grammar", "structured outputs need a tokenizer; this engine has none")
         seqs, detoks = [], []
         for i in range(params.n):
             seq_params = replace(params, seed=seed_for_completion(params.seed, i))
@@ -161,6 +164,7 @@ class Engine:
                 sample=seq.num_computed + s.num_tokens == seq.num_tokens,
                 params=seq.params if seq.needs_params else None,
                 output_index=len(seq.output_ids),
+                prefix_ids=seq.tokens[: seq.num_computed] if seq.needs_params and seq.params.needs_history else [],
             ))
             seq.blocks_sent = len(ids)
             seq.needs_params = False

@@ -6,11 +6,13 @@ back a ready `Engine`.
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from actors.grammar import tokenizer_json
 from actors.model_shape import ModelShape
 from actors.worker import WorkerSpec
 from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
@@ -124,6 +126,9 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     plan, spec = plan_replica(cfg)
     model_dir = Path(spec.model_dir)
     tokenizer = load_tokenizer(model_dir, log)
+    eos = eos_token_ids(model_dir, tokenizer)
+    # the sampling rank needs EOS for min_tokens and the vocabulary for grammar masks
+    spec = replace(spec, eos_token_ids=eos, tokenizer_json=tokenizer_json(tokenizer) if tokenizer is not None else None)
     executor = build_executor(cfg, plan, spec, log)
     eng = cfg.engine
     limits = EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
@@ -131,5 +136,5 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {eng.block_size} tokens")
     return Engine(executor, limits, model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
                   tokenizer=tokenizer,
-                  eos_token_ids=eos_token_ids(model_dir, tokenizer),
+                  eos_token_ids=eos,
                   rebuild=lambda: build_executor(cfg, plan, spec, log))
