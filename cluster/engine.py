@@ -27,7 +27,7 @@ from cluster.detokenizer import IncrementalDetokenizer
 from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
-from cluster.metrics import EngineMetrics
+from cluster.metrics import EngineMetrics, render_prometheus
 from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
@@ -103,8 +103,8 @@ class Engine:
             raise ParamError("max_tokens", f"prompt + max_tokens exceeds the whole KV cache ({capacity} tokens)")
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
-        if params.grammar is not None and self.tokenizer is None:
-            raise ParamError("grammar", "structured outputs need a tokenizer; this engine has none")
+        if params.grammar is not None and self.executor.spec.tokenizer_json is None:
+            raise ParamError("grammar", "structured outputs need the tokenizer on the workers; this replica's have none")
         seqs, detoks = [], []
         for i in range(params.n):
             seq_params = replace(params, seed=seed_for_completion(params.seed, i))
@@ -240,6 +240,15 @@ class Engine:
 
     async def rank_stats(self) -> list[RankStats]:
         return await asyncio.to_thread(self.executor.rank_stats)
+
+    async def prometheus_metrics(self) -> bytes:
+        ranks: list[RankStats] = []
+        if self.dead is None:
+            try:
+                ranks = await self.rank_stats()
+            except Exception:  # noqa: BLE001 - a worker just died: the engine's own series still count
+                ranks = []
+        return render_prometheus(self.metrics, ranks)
 
     def drain(self) -> None:
         self.draining = True

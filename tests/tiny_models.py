@@ -16,6 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from actors.grammar import tokenizer_json
 from actors.model_shape import ModelShape
 from actors.worker import WorkerSpec
 
@@ -65,10 +66,13 @@ def save_tiny(config, directory: Path, seed: int = 0):
 
 
 def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | None = None, *,
-                max_model_len: int = 256, block_size: int = 8, dtype: str = "float32") -> WorkerSpec:
-    """What a CPU worker of a tiny checkpoint at `path` needs, as a replica would say it."""
+                max_model_len: int = 256, block_size: int = 8, dtype: str = "float32", tokenizer=None) -> WorkerSpec:
+    """What a CPU worker of a tiny checkpoint at `path` needs, as a replica would say it
+    (with a tokenizer: its EOS and, for grammars, its vocabulary)."""
     return WorkerSpec(str(path), ModelShape.from_dir(path), tp, pp, partition, dtype, "cpu",
-                      max_model_len=max_model_len, block_size=block_size)
+                      max_model_len=max_model_len, block_size=block_size,
+                      eos_token_ids=(tokenizer.eos_token_id,) if tokenizer is not None else (),
+                      tokenizer_json=tokenizer_json(tokenizer) if tokenizer is not None else None)
 
 
 def tiny_shape(config) -> ModelShape:
