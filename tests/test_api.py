@@ -208,7 +208,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "required": 5}}}}, 400, "response_format.json_schema.schema"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
-    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": CHAT, "seed": 1, "temperature": float("-inf")}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-9", "stream": True}, 404, "model"),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": -1, "stream": True}, 400, "temperature"),

@@ -270,16 +270,19 @@ class AssistantToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[str | None, BeforeValidator(_content)] = None
+    content: Annotated[str, BeforeValidator(_content)]
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
 
-    @model_validator(mode="after")
-    def _content_or_calls(self) -> "ChatMessage":
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        """An assistant message that only made tool calls may leave content out (or null)."""
+        if isinstance(data, dict) and data.get("role") == "assistant" and data.get("tool_calls") \
+                and data.get("content") is None:
+            return {**data, "content": ""}
+        return data
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
