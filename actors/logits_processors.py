@@ -51,9 +51,9 @@ def process_logits(logits: torch.Tensor, rows: list[SampleRow], eos_token_ids: t
         out.index_put_((torch.tensor(r), torch.tensor(t)), torch.tensor(b, dtype=out.dtype, device=out.device),
                        accumulate=True)
     blocked = unpack_bitmask(allowed.to(out.device), out.shape[1]).logical_not_() if allowed is not None else None
-    if short:
+    if stop_pairs := [(i, t) for i in short for t in (*eos_token_ids, *rows[i].params.stop_token_ids)]:
         stops = torch.zeros(len(rows), out.shape[1], dtype=torch.bool, device=out.device)
-        r, t = zip(*((i, t) for i in short for t in (*eos_token_ids, *rows[i].params.stop_token_ids)))
+        r, t = zip(*stop_pairs)
         stops[list(r), list(t)] = True
         if blocked is None:
             blocked = stops
@@ -70,7 +70,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     vocab = logits.shape[1]
     counts = _token_counts([r.generated for r in rows], vocab, logits.device)
     seen = _token_counts([r.history for r in rows], vocab, logits.device) > 0
-    column = lambda name: torch.tensor([getattr(r.params, name) for r in rows], device=logits.device)[:, None]  # noqa: E731
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(r.params, name) for r in rows], device=logits.device)[:, None]
+
     rep = column("repetition_penalty")
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)

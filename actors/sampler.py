@@ -41,8 +41,11 @@ def filter_logits(logits: torch.Tensor, min_p: list[float], top_k: list[int], to
         return logits
     device = logits.device
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
-    floor = torch.tensor([math.log(p) if p > 0 else -math.inf for p in min_p], device=device)[:, None]
+
+    def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+    floor = column([math.log(p) if p > 0 else -math.inf for p in min_p])
     kth = sorted_logits.gather(1, column([t - 1 for t in k], torch.long))
     drop = (sorted_logits < sorted_logits[:, :1] + floor) | (sorted_logits < kth)
     kept = sorted_logits.masked_fill(drop, float("-inf"))

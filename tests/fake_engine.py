@@ -18,7 +18,6 @@ from transformers import PreTrainedTokenizerFast
 from actors.sampling_params import SamplingParams
 from actors.step_io import RankStats
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.metrics import EngineMetrics, render_prometheus
 from cluster.engine_client import (
     CompletionDelta,
     EngineDeadError,
@@ -28,6 +27,7 @@ from cluster.engine_client import (
     TokenLogprob,
     Usage,
 )
+from cluster.metrics import EngineMetrics, render_prometheus
 
 CORPUS = [
     "Hello world, this is a test of the tensorfleet serving cluster.",

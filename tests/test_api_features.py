@@ -109,7 +109,7 @@ def test_the_tools_reach_a_template_without_tool_support_as_text():
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]
     client.post("/v1/chat/completions", json={"messages": history, "tools": [WEATHER_TOOL], "tool_choice": "required"})
-    (_, prompt, params), = engine.requests
+    (_, prompt, _), = engine.requests
     text = engine.tokenizer.decode(prompt)
     assert '"name": "get_weather"' in text and "The weather in a city" in text  # the definition
     assert call_text("get_weather", {"city": "Oslo"}) in text  # the earlier call

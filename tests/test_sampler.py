@@ -133,10 +133,9 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows():
 
 # ---- penalties and logit bias against a plain loop ----
 
-def reference_logits(logits: list[float], row: SampleRow) -> list[float]:
-    p, out = row.params, list(logits)
-    generated = list(row.generated)
-    for t in set(row.history):  # repetition: prompt and generated tokens
+def reference_logits(logits: list[float], p: SamplingParams, prompt: list[int], generated: list[int]) -> list[float]:
+    out = list(logits)
+    for t in set(prompt) | set(generated):  # repetition: prompt and generated tokens
         out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
     for t in set(generated):  # frequency and presence: generated tokens only
         out[t] -= p.frequency_penalty * generated.count(t) + p.presence_penalty
@@ -148,20 +147,23 @@ def reference_logits(logits: list[float], row: SampleRow) -> list[float]:
 def test_penalties_and_logit_bias_match_a_plain_loop():
     g = torch.Generator().manual_seed(3)
     vocab = 40
-    logits = torch.randn(5, vocab, generator=g) * 3
+    logits = torch.randn(6, vocab, generator=g) * 3
     prompt = [3, 4, 4, 5, 9]  # 3 and 9 appear in the prompt only
     generated = [4, 7, 7, 7, 11, 5]
-    rows = [
-        SampleRow(SamplingParams(frequency_penalty=0.5), 6, prompt + generated),
-        SampleRow(SamplingParams(presence_penalty=1.5), 6, prompt + generated),
-        SampleRow(SamplingParams(repetition_penalty=1.3), 6, prompt + generated),
-        SampleRow(SamplingParams(), 6, prompt + generated),  # no options: untouched
-        SampleRow(SamplingParams(frequency_penalty=-0.7, presence_penalty=0.3, repetition_penalty=0.8,
-                                 logit_bias=((9, 2.5), (0, -100.0))), 6, prompt + generated),
+    params = [
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(presence_penalty=1.5),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(),  # no options: untouched
+        SamplingParams(frequency_penalty=-0.7, presence_penalty=0.3, repetition_penalty=0.8,
+                       logit_bias=((9, 2.5), (0, -100.0))),
+        SamplingParams(frequency_penalty=0.4, presence_penalty=0.2, logit_bias=((3, 1.0),)),  # nothing generated yet
     ]
+    rows = [SampleRow(p, len(generated), prompt + generated) for p in params[:5]] + [SampleRow(params[5], 0, prompt)]
     got = process_logits(logits, rows, (), None)
-    for i, row in enumerate(rows):
-        assert got[i].tolist() == pytest.approx(reference_logits(logits[i].tolist(), row), rel=1e-6, abs=1e-6), i
+    for i, (p, gen) in enumerate(zip(params, [generated] * 5 + [[]])):
+        want = reference_logits(logits[i].tolist(), p, prompt, gen)
+        assert got[i].tolist() == pytest.approx(want, rel=1e-6, abs=1e-6), i
     assert torch.equal(got[3], logits[3])
 
 
@@ -181,6 +183,8 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached():
     sampler = Sampler(CPU, eos_token_ids=(2,))
     picks = [sampler(logits[:1], [SampleRow(params, index)])[0].token_id for index in (0, 2, 3)]
     assert picks[0] not in (2, 7) and picks[1] not in (2, 7) and picks[2] == 2
+    # nothing to mask (no EOS known, no stop tokens): min_tokens changes nothing
+    assert Sampler(CPU)(logits[:1], [SampleRow(SamplingParams(temperature=0.0, min_tokens=3), 0)])[0].token_id == 2
 
 
 def test_grammar_bitmask_allows_only_its_tokens_and_wins_over_min_tokens():

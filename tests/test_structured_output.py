@@ -1,7 +1,7 @@
 """Grammars: the builders and their errors, and constrained generation in the engine (tp=1,
 in-process) with a real tokenizer: seeded JSON-schema output that parses and validates, a
 regex and a choice, the same tokens through a preemption and after a prefix-cache hit (the
-sampling rank rebuilds its matcher from the tokens the driver resends)."""
+sampling rank rebuilds its history and matcher from the tokens the driver resends)."""
 
 import asyncio
 import json
@@ -9,10 +9,13 @@ import re
 
 import jsonschema
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from actors import grammar
 from actors.sampling_params import ParamError, SamplingParams
+from actors.sampling_state import SequenceStates
+from actors.step_io import SeqStep
 from cluster.engine import Engine, EngineLimits
 from cluster.executor import InProcessExecutor
 from tests.tiny_models import worker_spec
@@ -142,3 +145,31 @@ def test_a_constrained_request_survives_preemption_and_prefix_hits_exactly(chat_
     again = run(warm, {"b": (prompt, mine)})["b"][0]  # its prompt's blocks come from the cache
     assert warm.scheduler.stats.prefix_hit_tokens > 0
     assert first == again == alone
+
+
+def test_the_sampling_rank_rebuilds_history_and_matcher_from_a_prefix_hit(tokenizer):
+    """A sequence resent after a preemption, its prompt and first outputs found in the prefix
+    cache (so they arrive once as prefix_ids), gives the sampler the same history and the
+    same grammar mask as the undisturbed sequence that saw every token come as input."""
+    vocab = grammar.GrammarVocabulary(grammar.tokenizer_json(tokenizer), len(tokenizer), (tokenizer.eos_token_id,))
+    params = SamplingParams(max_tokens=50, temperature=1.0, repetition_penalty=1.2,
+                            grammar=grammar.json_schema_grammar(SCHEMA, "response_format"))
+    prompt = tokenizer.encode("Describe a person as JSON:")
+    generated = tokenizer.encode('{"name": "Bo", "age": 4', add_special_tokens=False)
+
+    undisturbed = SequenceStates(vocab)
+    undisturbed.absorb(SeqStep(1, prompt, 0, [], True, params, 0))
+    for k, token in enumerate(generated):
+        step = SeqStep(1, [token], len(prompt) + k, [], True, None, k + 1)
+        undisturbed.absorb(step)
+        want_mask = undisturbed.start_masks([step]).result()
+    want_rows = undisturbed.rows([step])
+
+    resent = SequenceStates(vocab)
+    history = prompt + generated
+    last = SeqStep(1, history[-1:], len(history) - 1, [], True, params, len(generated), prefix_ids=history[:-1])
+    resent.absorb(last)
+    assert resent.rows([last]) == want_rows and want_rows[0].generated == generated
+    assert torch.equal(resent.start_masks([last]).result(), want_mask)
+    resent.release([1])
+    assert resent.states == {}

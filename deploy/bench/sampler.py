@@ -29,8 +29,8 @@ def cases(rows: int, vocab: int) -> dict[str, list[SampleRow]]:
         return SamplingParams(temperature=0.5 + (i % 7) / 10, top_k=0 if i % 3 else 40 + i, top_p=0.8 + (i % 5) / 30,
                               min_p=0.0 if i % 2 else 0.05, **extra)
 
-    penalties = dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1,
-                     logit_bias=tuple((t, 1.0) for t in range(20)))
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1,
+                 "logit_bias": tuple((t, 1.0) for t in range(20))}
     return {
         "greedy": [SampleRow(SamplingParams(temperature=0.0), 0) for _ in range(rows)],
         "sampled": [SampleRow(varied(i), 0) for i in range(rows)],

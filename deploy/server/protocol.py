@@ -37,7 +37,7 @@ def _prompts(value: Any) -> list[str | list[int]]:
     single = isinstance(value, str) or (isinstance(value, list) and bool(value) and _is_token_id(value[0]))
     prompts = [value] if single else value
     if not isinstance(prompts, list):
-        raise ValueError("must be a string, a list of token ids, or a list of those")
+        raise ValueError("must be a string, a list of token ids, or a list of those")  # noqa: TRY004 - pydantic makes only ValueError a 400
     if not prompts:
         raise ValueError("must not be empty")
     if len(prompts) > MAX_PROMPTS:
