@@ -3,6 +3,10 @@ of its Ray node, exports its rank's metrics, and answers liveness probes.
 
 The driver creates one per GPU (see `cluster.placement`); everything model-related is the
 plain `Worker`'s, which tests drive without Ray.
+
+A busy worker is not a dead one: `ping` runs in its own concurrency group (its own thread),
+so it answers while a long step runs; the steps keep the default group's single thread, in
+the order they were sent. Only the step deadline judges a slow step.
 """
 
 import os
@@ -17,6 +21,7 @@ from actors.step_io import StepInput, StepOutput
 from actors.worker import Worker, WorkerSpec
 
 METRICS_EXPORT_INTERVAL_S = 1.0
+LIVENESS_GROUP = "liveness"
 
 
 def interface_of(ip: str) -> str | None:
@@ -52,6 +57,12 @@ class RayWorker(Worker):
             self.metrics.record(self.rank_stats())
         return out
 
+    @ray.method(concurrency_group=LIVENESS_GROUP)
     def ping(self) -> int:
-        """Liveness probe; answers with this worker's process id."""
+        """Liveness probe; answers with this worker's process id, even mid-step."""
         return os.getpid()
+
+
+def actor_class(worker_cls: type[RayWorker] = RayWorker) -> ray.actor.ActorClass:
+    """`worker_cls` as a Ray actor whose liveness probes have a thread of their own."""
+    return ray.remote(concurrency_groups={LIVENESS_GROUP: 1})(worker_cls)

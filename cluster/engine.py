@@ -6,11 +6,17 @@
 while there is work, the blocking executor call in a thread so the event loop (and the HTTP
 server on it) stays responsive. All engine state is touched only from the event loop.
 
-Failure: when a step fails (a worker died, or missed the step deadline) or a health check
-finds a worker gone, every in-flight request gets `EngineDeadError` at once, new requests
-are refused with it while the engine heals, and the loop tears the workers (actors,
-placement groups) down and builds new ones with `rebuild`. Without `rebuild` the engine
-stays down. A full waiting queue refuses new requests with `EngineOverloadedError`.
+Failure loses nothing. When a step fails (a worker died, or missed the step deadline) or a
+health check finds a worker gone, the loop tears the workers (actors, placement groups)
+down and builds new ones with `rebuild`, with backoff, while requests keep their place and
+new ones queue. Each sequence then resumes from its prompt plus the tokens it produced,
+recomputed as a prefill (the prefix cache shares what sequences have in common): its
+stream goes on with the next token, none repeated, none missing, greedy or seeded tokens
+those of an undisturbed run (the seeded draw is keyed by output index). A request fails
+with `EngineDeadError` only past `max_resumes` interruptions, or when every rebuild fails
+(`gave_up`: Serve replaces the replica); without `rebuild`, the engine stays down.
+`relayout()` swaps the workers for another layout the same way, on purpose.
+A full waiting queue refuses new requests with `EngineOverloadedError`.
 """
 
 import asyncio
@@ -46,11 +52,29 @@ class EngineLimits:
     block_size: int
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 256
+    max_resumes: int = 3  # worker failures one request may live through
+
+    def misfit(self, prompt_tokens: int, max_tokens: int, num_kv_blocks: int) -> str | None:
+        """Why a request of this size can never run within these limits, or None."""
+        if prompt_tokens + max_tokens > self.max_model_len:
+            return f"prompt + max_tokens exceeds max_model_len={self.max_model_len}"
+        if prompt_tokens + max_tokens > num_kv_blocks * self.block_size:
+            return f"prompt + max_tokens exceeds the whole KV cache ({num_kv_blocks * self.block_size} tokens)"
+        return None
 
 
 # Rebuild attempts after a failure, and the pause before each (a node may be coming back).
 REBUILD_BACKOFF_S = (0.0, 2.0, 5.0, 10.0, 30.0)
 logger = logging.getLogger("tensorfleet.engine")
+
+
+@dataclass
+class _Relayout:
+    """A swap of workers the loop is to make between two steps."""
+
+    limits: EngineLimits
+    build: Callable[[], Executor]
+    done: asyncio.Future  # the seconds requests were paused, or why it failed
 
 
 def seed_for_completion(seed: int | None, index: int) -> int | None:
@@ -62,36 +86,39 @@ class Engine:
     def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, vocab_size: int,
                  tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
                  rebuild: Callable[[], Executor] | None = None):
-        self.limits = limits
         self.model_name = model_name
-        self.max_model_len = limits.max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = EngineMetrics(model_name)
-        self.output = OutputProcessor(eos_token_ids=frozenset(eos_token_ids), max_model_len=limits.max_model_len,
-                                      metrics=self.metrics)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._rebuild = rebuild
+        self._rebuild = rebuild  # builds workers like the current ones
+        self._relayout: _Relayout | None = None  # a swap of workers the loop has yet to make
+        self._switching = False  # the workers are being swapped: none to ask
         self.dead: EngineDeadError | None = None  # set while down: failed, healing, or given up
         self.gave_up = False  # every rebuild attempt failed: only replacing the replica helps
         self.restarts = 0
         self.draining = False  # shutting down: finish what runs, take nothing new
-        self._use(executor)
+        self._use(executor, limits)
 
-    def _use(self, executor: Executor) -> None:
+    def _use(self, executor: Executor, limits: EngineLimits) -> None:
         """Fresh KV bookkeeping for a (new) set of workers."""
         self.executor = executor
-        self.blocks = BlockManager(executor.num_kv_blocks, self.limits.block_size, self.limits.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
+        self.limits = limits
+        self.max_model_len = limits.max_model_len
+        self.blocks = BlockManager(executor.num_kv_blocks, limits.block_size, limits.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.output = OutputProcessor(eos_token_ids=self.eos_token_ids, max_model_len=limits.max_model_len,
+                                      metrics=self.metrics)
 
     # -- requests ------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestState:
-        if self.dead is not None:
+        if self.gave_up or (self.dead is not None and self._rebuild is None):
             raise EngineDeadError(f"engine is down: {self.dead}")
         if self.draining:
             raise EngineDeadError("the server is shutting down and takes no new requests")
@@ -103,9 +130,8 @@ class Engine:
             self.metrics.rejected_request("overloaded")
             raise EngineOverloadedError(
                 f"{len(self.scheduler.waiting)} requests are waiting (limit {self.limits.max_waiting_requests}); retry later")
-        capacity = self.blocks.num_blocks * self.limits.block_size
-        if len(prompt_ids) + params.max_tokens > capacity:
-            raise ParamError("max_tokens", f"prompt + max_tokens exceeds the whole KV cache ({capacity} tokens)")
+        if (why := self.limits.misfit(len(prompt_ids), params.max_tokens, self.blocks.num_blocks)) is not None:
+            raise ParamError("max_tokens", why)
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
         if params.grammar is not None and self.executor.spec.tokenizer_json is None:
@@ -132,6 +158,10 @@ class Engine:
                     self.metrics.completion_ended(reason)
                 self.scheduler.finish(seq, reason)
 
+    def _fail_request(self, state: RequestState, error: EngineDeadError) -> None:
+        state.queue.put_nowait(error)
+        self.abort_request(state.request_id, reason="error")
+
     # -- the step ------------------------------------------------------------------------
 
     async def step(self) -> list[RequestOutput]:
@@ -143,7 +173,7 @@ class Engine:
             return []
         result = await asyncio.to_thread(self.executor.execute, self._step_input(batch))
         if self.dead is not None:
-            return []  # a health check failed this batch while it ran
+            return []  # a health check failed this batch while it ran; it will be recomputed
         sampled = self.scheduler.update(batch, result.tokens)
         delivered = self.output.process(sampled, self.requests, self.scheduler)
         self._record_scheduler_state()
@@ -182,6 +212,9 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
+            if self._relayout is not None:
+                await self._switch(self._relayout)
+                continue
             if self.dead is not None:
                 if self._rebuild is None or self.gave_up:
                     return
@@ -193,7 +226,7 @@ class Engine:
                 continue
             try:
                 await self.step()
-            except Exception as e:  # a dead or stuck worker: fail every request, clearly
+            except Exception as e:  # a dead or stuck worker: rebuild, then resume
                 self._fail(EngineDeadError(f"a model worker failed: {e}"))
 
     # -- async API -----------------------------------------------------------------------
@@ -219,20 +252,25 @@ class Engine:
 
     async def check_health(self) -> None:
         """Raise `EngineDeadError` while the engine is down; a worker that does not answer
-        starts the recovery."""
+        starts the recovery. While a re-layout swaps the workers there are none to ask."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is down: {self.dead}")
         if self.draining:
             raise EngineDeadError("the server is shutting down")
+        executor = self.executor
+        if self._switching:
+            return
         try:
-            await asyncio.to_thread(self.executor.check_health)
+            await asyncio.to_thread(executor.check_health)
         except EngineDeadError as e:
+            if executor is not self.executor or self._switching:
+                return  # those workers were retired while we asked
             self._fail(EngineDeadError(f"health check: {e}"))
             raise
 
     async def stats(self) -> EngineStats:
         pids: list[int] = []
-        if self.dead is None:
+        if self.dead is None and not self._switching:
             try:
                 pids = await asyncio.to_thread(self.executor.worker_pids)
             except Exception:  # noqa: BLE001 - a worker just died; the health check will notice
@@ -262,7 +300,10 @@ class Engine:
         """Stop the workers; in-flight requests fail."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        error = EngineDeadError("the engine was shut down")
+        if self._relayout is not None and not self._relayout.done.done():
+            self._relayout.done.set_exception(error)
+        self._fail_all(error)
         self.gave_up = True
         self.executor.shutdown()
 
@@ -271,26 +312,108 @@ class Engine:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    # -- failure -------------------------------------------------------------------------
+    # -- new workers: after a failure, or for another layout -----------------------------
+
+    async def relayout(self, limits: EngineLimits, build: Callable[[], Executor]) -> float:
+        """Swap the workers for those `build` makes (another layout, other sizes) without
+        failing a request: the loop pauses after the step in flight, the old workers go,
+        the new ones load, every request resumes on them; returns the seconds of the pause.
+        The old workers are gone before `build` runs, so the caller checks first that it
+        can succeed; if it fails all the same, the old layout is rebuilt as after a worker
+        failure and the error is raised."""
+        if self.gave_up or self._rebuild is None:
+            raise EngineDeadError(f"engine is down: {self.dead}" if self.dead
+                                  else "this engine cannot rebuild its workers")
+        if self._relayout is not None:
+            raise RuntimeError("a re-layout is already under way")
+        self._relayout = _Relayout(limits, build, asyncio.get_running_loop().create_future())
+        self._ensure_loop()
+        self._wake.set()
+        return await asyncio.shield(self._relayout.done)  # a caller that goes away stops nothing
+
+    async def _switch(self, relayout: _Relayout) -> None:
+        start = time.monotonic()
+        self._pause_requests(count_resume=False)
+        self._switching = True
+        try:
+            await asyncio.to_thread(self.executor.shutdown)
+            try:
+                executor = await asyncio.to_thread(relayout.build)
+            except Exception as e:  # noqa: BLE001 - reported to the caller; the old layout comes back
+                logger.error("re-layout failed (%s); rebuilding the previous layout", e)
+                self.dead = self.dead or EngineDeadError(f"re-layout failed: {e}")
+                relayout.done.set_exception(e)
+                return
+        finally:
+            self._switching = False
+            self._relayout = None
+        self._rebuild = relayout.build
+        self.dead = None
+        self._resume_on(executor, relayout.limits, cause="relayout")
+        paused = time.monotonic() - start
+        logger.warning("re-laid out in %.1fs; %d requests resumed", paused, len(self.requests))
+        relayout.done.set_result(paused)
+
+    def misfits(self, limits: EngineLimits, num_kv_blocks: int) -> dict[str, str]:
+        """The requests held now that could not run within `limits` and `num_kv_blocks`:
+        request id -> why."""
+        return {rid: why for rid, state in self.requests.items()
+                if (why := limits.misfit(len(state.seqs[0].prompt_ids), state.seqs[0].params.max_tokens,
+                                         num_kv_blocks)) is not None}
 
     def _fail(self, error: EngineDeadError) -> None:
-        """Fail everything in flight now; the loop then rebuilds the workers."""
+        """Workers failed: pause the requests (those interrupted too often fail); the loop
+        rebuilds the workers and resumes them."""
         if self.dead is not None:
             return
-        logger.error("%s; failing %d requests and rebuilding the workers", error, len(self.requests))
-        self._fail_all(error)
+        if self._rebuild is None:
+            logger.error("%s; failing %d requests (no way to rebuild the workers)", error, len(self.requests))
+            self._fail_all(error)
+            return
+        self.dead = error
+        failed = self._pause_requests(count_resume=True, error=error)
+        logger.error("%s; rebuilding the workers: %d requests will resume, %d failed (engine.max_resumes=%d)",
+                     error, len(self.requests), failed, self.limits.max_resumes)
         self._ensure_loop()
         self._wake.set()
 
+    def _pause_requests(self, *, count_resume: bool, error: EngineDeadError | None = None) -> int:
+        """Mark the requests holding KV on the workers as interrupted; with `count_resume`,
+        those already resumed `max_resumes` times fail instead. Returns how many failed."""
+        now, failed = time.monotonic(), 0
+        for state in list(self.requests.values()):
+            if not state.on_workers:
+                continue  # only waiting: it loses nothing
+            if count_resume:
+                if state.resumes >= self.limits.max_resumes:
+                    self._fail_request(state, EngineDeadError(
+                        f"{error}; this request was already resumed {state.resumes} times (engine.max_resumes)"))
+                    failed += 1
+                    continue
+                state.resumes += 1
+            if state.paused_at is None:
+                state.paused_at = now
+        return failed
+
+    def _resume_on(self, executor: Executor, limits: EngineLimits, *, cause: str) -> None:
+        """Adopt new workers: every unfinished sequence goes back to the queue (those that
+        ran first, in their order) to be recomputed from its prompt and its tokens so far."""
+        old = self.scheduler
+        self._use(executor, limits)
+        self.scheduler.adopt(old)
+        for rid, why in self.misfits(limits, executor.num_kv_blocks).items():  # came in during the swap
+            self._fail_request(self.requests[rid], EngineDeadError(f"the request does not fit the new layout: {why}"))
+        self.metrics.requests_resumed(sum(s.paused_at is not None for s in self.requests.values()), cause)
+
     def _fail_all(self, error: EngineDeadError) -> None:
         self.dead = error
-        for request_id, state in list(self.requests.items()):
-            state.queue.put_nowait(error)
-            self.abort_request(request_id, reason="error")
+        for state in list(self.requests.values()):
+            self._fail_request(state, error)
 
     async def _recover(self) -> None:
-        """Tear the old workers down and build new ones, with backoff; give up (and let
-        Serve replace the replica) when every attempt fails."""
+        """Tear the old workers down and build new ones, with backoff, and resume every
+        request on them; give up (and let Serve replace the replica) when every attempt
+        fails, failing what is left."""
         await asyncio.to_thread(self.executor.shutdown)
         for pause in REBUILD_BACKOFF_S:
             await asyncio.sleep(pause)
@@ -300,10 +423,13 @@ class Engine:
             except Exception as e:
                 logger.error("rebuilding the workers failed: %s", e)
                 continue
-            self._use(executor)
+            self._resume_on(executor, self.limits, cause="failure")
             self.restarts += 1
             self.metrics.replica_restarted()
-            logger.warning("workers rebuilt in %.1fs; serving again", time.perf_counter() - start)
+            logger.warning("workers rebuilt in %.1fs; %d requests resume", time.perf_counter() - start,
+                           len(self.requests))
             self.dead = None
             return
         self.gave_up = True
+        attempts = len(REBUILD_BACKOFF_S)
+        self._fail_all(EngineDeadError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))

@@ -21,6 +21,9 @@ Engine, one series set per replica (label `model_name`):
     ray_tensorfleet_prefix_cache_queries_total      counter    prompt tokens looked up
     ray_tensorfleet_prefix_cache_hits_total         counter    of those, found in the cache
     ray_tensorfleet_replica_restarts_total          counter    workers rebuilt after a failure
+    ray_tensorfleet_requests_resumed_total          counter    label cause: failure | relayout;
+                                                               requests moved onto new workers
+    ray_tensorfleet_resume_wait_seconds             histogram  interruption -> the request's next token
     ray_tensorfleet_requests_running                gauge
     ray_tensorfleet_requests_waiting                gauge
     ray_tensorfleet_kv_cache_usage_ratio            gauge      used / all KV blocks
@@ -131,6 +134,10 @@ class EngineMetrics:
         self.cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.restarts = counter("replica_restarts", "Worker rebuilds after a failure")
+        self.resumed_requests = counter("requests_resumed", "Requests resumed on new workers (after a failure or a "
+                                        "re-layout)", ("cause",))
+        self.resume_wait = h("resume_wait_seconds", "A request's interruption (worker failure or re-layout) to its "
+                             "next token", _LATENCY_BUCKETS)
         self.running = gauge("requests_running", "Sequences in the running batch")
         self.waiting = gauge("requests_waiting", "Sequences waiting to be scheduled")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Used share of the KV blocks")
@@ -167,6 +174,14 @@ class EngineMetrics:
 
     def replica_restarted(self) -> None:
         self._inc(self.restarts, 1)
+
+    def requests_resumed(self, n: int, cause: str) -> None:
+        """`n` requests moved onto new workers; cause: failure | relayout."""
+        self._inc(self.resumed_requests, n, cause=cause)
+
+    def resume_waited(self, wait: float) -> None:
+        """An interrupted request produced its next token `wait` seconds after the interruption."""
+        self._observe(self.resume_wait, wait)
 
     def scheduler_state(self, running: int, waiting: int, kv_usage: float,
                         preemptions: int, cache_queries: int, cache_hits: int) -> None:

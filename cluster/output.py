@@ -20,7 +20,7 @@ from cluster.detokenizer import IncrementalDetokenizer
 from cluster.engine_client import CompletionDelta, RequestOutput, TokenLogprob, Usage
 from cluster.metrics import EngineMetrics
 from cluster.scheduler import Scheduler
-from cluster.sequence import Sequence
+from cluster.sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -33,10 +33,17 @@ class RequestState:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    resumes: int = 0  # worker failures it lived through
+    paused_at: float | None = None  # interrupted (failure or re-layout) and not yet moving again
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def on_workers(self) -> bool:
+        """Some of its sequences hold KV on the workers (they would lose it with them)."""
+        return any(s.status is SeqStatus.RUNNING for s in self.seqs)
 
     def usage(self) -> Usage:
         return Usage(
@@ -79,6 +86,9 @@ class OutputProcessor:
         return outputs
 
     def _record_token(self, state: RequestState, seq: Sequence, now: float) -> None:
+        if state.paused_at is not None:
+            self.metrics.resume_waited(now - state.paused_at)
+            state.paused_at = None
         if state.first_token_at is None:
             state.first_token_at = now
             self.metrics.first_token(state.arrival, seq.admitted_at, len(seq.prompt_ids), now)

@@ -7,7 +7,9 @@ One actor per bundle; the driver addresses them as `workers[stage][tp_rank]`, gl
 `stage * tp + tp_rank` (the mesh `arange(pp * tp).reshape(pp, tp)`).
 
 Every wait has a deadline: a layout the cluster cannot hold fails with what it needed and
-what the cluster has, and leaves no placement group or actor behind.
+what the cluster has, and leaves no placement group or actor behind. `check_room` asks the
+same question up front, for a re-layout that must not touch the running workers unless
+the new ones will fit once those are gone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class WorkerGroup:
     node_ids: list[list[str]]  # as reported by each actor, same indexing as `workers`
     placement_groups: list[PlacementGroup]  # one per stage
     _alive: bool = field(default=True, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        """Still holding its workers and placement groups."""
+        return self._alive
 
     @property
     def flat(self) -> list[ActorHandle]:
@@ -70,7 +77,7 @@ def place_workers(
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1; got tp={tp}, pp={pp}")
     deadline = time.monotonic() + timeout_s
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+    bundle = _bundle(use_gpu)
     pgs = [placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pp)]
     workers: list[list[ActorHandle]] = []
     try:
@@ -106,6 +113,27 @@ def place_workers(
     return WorkerGroup(workers, node_ids, pgs)
 
 
+def check_room(tp: int, pp: int, *, use_gpu: bool, released: WorkerGroup | None = None) -> None:
+    """Raise `PlacementError` unless `pp` stages of `tp` bundles, each stage on one node,
+    fit in what the alive nodes have free now plus what `released` (the workers a re-layout
+    replaces) still holds."""
+    bundle = _bundle(use_gpu)
+    free = {node: dict(res) for node, res in ray._private.state.available_resources_per_node().items()}
+    held = released.node_ids if released is not None and released.alive else []
+    for node in [n for stage in held for n in stage]:
+        for resource, amount in bundle.items():
+            free.setdefault(node, {})[resource] = free.get(node, {}).get(resource, 0) + amount
+    stages = sum(min(int(res.get(r, 0) // (amount * tp)) for r, amount in bundle.items()) for res in free.values())
+    if stages < pp:
+        unit = "GPU" if use_gpu else "CPU"
+        per_node = ", ".join(f"node {node[:8]}: {res.get(unit, 0):g}" for node, res in sorted(free.items()))
+        raise PlacementError(
+            f"cannot place tp={tp} x pp={pp}: it needs {pp} stage(s) of {tp} {unit}s on one node each, and the "
+            f"cluster has room for {stages} (free {unit}s per node once this replica's workers are released: "
+            f"{per_node or 'no alive nodes'}); choose a layout that fits, or free {unit}s or add nodes first"
+        )
+
+
 def rendezvous_address(rank0: ActorHandle, timeout_s: float = 60.0) -> str:
     """`tcp://ip:port` for `torch.distributed.init_process_group(init_method=...)`.
 
@@ -133,6 +161,11 @@ def _free_tcp_address(_actor: object) -> tuple[str, int]:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
         return ip, s.getsockname()[1]
+
+
+def _bundle(use_gpu: bool) -> dict[str, float]:
+    """What one worker's placement bundle reserves (a CPU alone on a CPU-only cluster)."""
+    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
 
 
 def _release(workers: list[ActorHandle], pgs: list[PlacementGroup]) -> None:

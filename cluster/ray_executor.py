@@ -19,24 +19,34 @@ from collections.abc import Callable
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
-from actors.ray_worker import RayWorker
+from actors.ray_worker import RayWorker, actor_class
 from actors.step_io import RankStats, StepInput, StepOutput
 from actors.worker import WorkerSpec
 from cluster.engine_client import EngineDeadError
 from cluster.placement import place_workers, rendezvous_address
 
+# A worker answers pings beside a running step (its own thread), so this bounds only how
+# long a live process takes to answer; a slow step is judged by the step deadline alone.
 HEALTH_CHECK_TIMEOUT_S = 10.0
+
+
+def uses_gpus(spec: WorkerSpec) -> bool:
+    """Whether the workers' placement bundles ask for GPUs (real, or logical ones declared
+    by a simulated cluster)."""
+    return spec.device == "cuda" or ray.cluster_resources().get("GPU", 0) > 0
 
 
 class RayExecutor:
     def __init__(self, spec: WorkerSpec, num_kv_blocks: int, *, compiled: bool, step_deadline_s: float,
-                 log: Callable[[str], None] = print, placement_timeout_s: float = 60.0):
+                 log: Callable[[str], None] = print, placement_timeout_s: float = 60.0,
+                 worker_cls: type[RayWorker] = RayWorker, health_check_timeout_s: float = HEALTH_CHECK_TIMEOUT_S):
         self.spec = spec
         self.step_deadline_s = step_deadline_s
+        self.health_check_timeout_s = health_check_timeout_s
         self.num_kv_blocks = num_kv_blocks
         self.compiled = None
         self.group = place_workers(
-            RayWorker, spec.tp, spec.pp, use_gpu=spec.device == "cuda" or _cluster_has_gpus(),
+            actor_class(worker_cls), spec.tp, spec.pp, use_gpu=uses_gpus(spec),
             timeout_s=placement_timeout_s, make_args=lambda stage, tp_rank: (spec, stage, tp_rank),
         )
         self.workers = self.group.workers
@@ -90,7 +100,7 @@ class RayExecutor:
 
     def check_health(self) -> None:
         try:
-            ray.get([w.ping.remote() for w in self._flat], timeout=HEALTH_CHECK_TIMEOUT_S)
+            ray.get([w.ping.remote() for w in self._flat], timeout=self.health_check_timeout_s)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             raise EngineDeadError(f"a worker does not answer: {e}") from None
 
@@ -111,7 +121,3 @@ class RayExecutor:
         if self.compiled is not None:
             self.compiled.teardown()
             self.compiled = None
-
-
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0

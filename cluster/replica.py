@@ -3,6 +3,7 @@
 back a ready `Engine`.
 """
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -32,6 +33,11 @@ def device_memory_bytes(device: str, world: int) -> int:
     if device == "cpu":
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return int(ram * CPU_MEMORY_FRACTION) // world
+    return _gpu_memory_bytes()
+
+
+@functools.cache  # asked once: a re-layout plans while the replica's workers hold every GPU
+def _gpu_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
     import ray  # a driver without a GPU (a CPU head node): ask a GPU node
@@ -122,6 +128,12 @@ def _ray_connected() -> bool:
     return ray.is_initialized()
 
 
+def engine_limits(cfg: TensorfleetConfig) -> EngineLimits:
+    eng = cfg.engine
+    return EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
+                        eng.enable_prefix_caching, cfg.serve.max_waiting_requests, eng.max_resumes)
+
+
 def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
     plan, spec = plan_replica(cfg)
     model_dir = Path(spec.model_dir)
@@ -130,11 +142,8 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     # the sampling rank needs EOS for min_tokens and the vocabulary for grammar masks
     spec = replace(spec, eos_token_ids=eos, tokenizer_json=tokenizer_json(tokenizer) if tokenizer is not None else None)
     executor = build_executor(cfg, plan, spec, log)
-    eng = cfg.engine
-    limits = EngineLimits(eng.max_model_len, eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size,
-                          eng.enable_prefix_caching, cfg.serve.max_waiting_requests)
-    log(f"engine ready: {executor.num_kv_blocks} KV blocks of {eng.block_size} tokens")
-    return Engine(executor, limits, model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
+    log(f"engine ready: {executor.num_kv_blocks} KV blocks of {cfg.engine.block_size} tokens")
+    return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
                   tokenizer=tokenizer,
                   eos_token_ids=eos,
                   rebuild=lambda: build_executor(cfg, plan, spec, log))

@@ -118,13 +118,17 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.blocks)
-        seq.num_computed = 0
-        seq.blocks_sent = 0
-        seq.needs_params = True
-        seq.status = SeqStatus.WAITING
+        seq.forget_kv()
         self.waiting.appendleft(seq)
         self.released.append(seq.seq_id)
         self.stats.preemptions += 1
+
+    def adopt(self, old: "Scheduler") -> None:
+        """Take over `old`'s unfinished sequences, whose KV died with its workers: the ones
+        that ran first, in order, then those that waited; each is recomputed on admission."""
+        for seq in [*old.running, *old.waiting]:
+            seq.forget_kv()
+            self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Free a sequence's blocks (finished, aborted, or failed)."""

@@ -42,3 +42,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    def forget_kv(self) -> None:
+        """Back to waiting with nothing in the KV cache (preempted, or its workers replaced):
+        the next admission recomputes its prompt and the tokens it produced as a prefill."""
+        self.blocks = SeqBlocks()
+        self.num_computed = 0
+        self.blocks_sent = 0
+        self.needs_params = True
+        self.status = SeqStatus.WAITING

@@ -10,9 +10,11 @@ from typing import Any
 
 import uvicorn
 from ray import serve
+from ray.serve.context import _get_global_client
 
 from cluster.config import TensorfleetConfig
-from deploy.server.app import deployment_for
+from cluster.relayout import Layout, LayoutStatus
+from deploy.server.app import APP_NAME, deploy
 
 
 def free_port() -> int:
@@ -46,16 +48,29 @@ def uvicorn_server(app: Any) -> Iterator[str]:
 @contextmanager
 def serve_app(config: dict[str, Any]) -> Iterator[str]:
     """Deploy the tensorfleet app of `config` (a YAML-shaped dict; its `serve` host and
-    port are set here) on the connected Ray cluster; yield its base URL."""
+    port are set here) on the connected Ray cluster as `tensorfleet serve` does (so
+    `deploy(config, layout)` re-lays it out); yield its base URL."""
     port = free_port()
     cfg = TensorfleetConfig.model_validate(
         {**config, "serve": {**config.get("serve", {}), "host": "127.0.0.1", "port": port}})
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(deployment_for(cfg), name="tensorfleet", route_prefix="/")
+    deploy(cfg)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+def deployed_config() -> TensorfleetConfig:
+    """The config `serve_app` deployed, as Serve holds it."""
+    app = _get_global_client().get_serve_details()["applications"][APP_NAME]["deployed_app_config"]
+    return TensorfleetConfig.model_validate(app["args"]["config"])
+
+
+def relayout(layout: Layout) -> LayoutStatus:
+    """Give the app `serve_app` deployed another layout through Serve's user_config, as an
+    edited `serve deploy` config would; wait until its replica has taken or refused it."""
+    return deploy(deployed_config(), layout)
 
 
 # The name the tiny chat model is served under by `serve_tiny_2x2`.

@@ -1,13 +1,19 @@
 """The engine across TP x PP Ray workers on a simulated 2-node x 2-GPU cluster: concurrent
-greedy requests produce exactly Hugging Face's tokens for each prompt alone."""
+greedy requests produce exactly Hugging Face's tokens for each prompt alone; steps longer
+than the health check's timeout are not mistaken for dead workers."""
 
 import asyncio
+import time
 
 import pytest
 
+from actors.ray_worker import RayWorker
 from actors.sampling_params import SamplingParams
+from actors.step_io import StepInput, StepOutput
 from cluster.config import TensorfleetConfig
-from cluster.replica import build_engine
+from cluster.engine import Engine
+from cluster.ray_executor import RayExecutor
+from cluster.replica import build_engine, engine_limits, plan_replica
 from tests.test_engine import mixed_requests
 from tests.tiny_models import hf_greedy
 
@@ -52,3 +58,54 @@ async def test_16_concurrent_greedy_requests_match_hf(ray_cluster_2x2, tiny_llam
         assert alone[0] == together[0]
     finally:
         engine.executor.shutdown()
+
+
+SLOW_STEP_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 0.5
+
+
+class SlowWorker(RayWorker):
+    """A worker whose every step takes SLOW_STEP_S longer, as a large prefill would."""
+
+    def step(self, step: StepInput) -> StepOutput | None:
+        time.sleep(SLOW_STEP_S)
+        return super().step(step)
+
+
+async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_cluster_2x2, tiny_llama_dir):
+    """Each step takes 4x the health check's timeout while health checks run every 0.1 s:
+    the workers answer them beside the step, nothing fails and nothing is rebuilt."""
+    path, hf = tiny_llama_dir
+    cfg = engine_config(path, num_kv_blocks=64)
+    plan, spec = plan_replica(cfg)
+    executor = RayExecutor(spec, plan.num_kv_blocks, compiled=False, step_deadline_s=30, worker_cls=SlowWorker,
+                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
+    engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
+                    rebuild=None)  # a busy worker taken for a dead one would fail the requests
+    checks: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            start = time.monotonic()
+            await engine.check_health()
+            checks.append(time.monotonic() - start)
+            await asyncio.sleep(0.1)
+
+    prober = asyncio.create_task(probe())
+    try:
+        requests = dict(list(mixed_requests(1000, 3, seed=43).items()))
+        requests = {rid: (prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+                    for rid, (prompt, _) in requests.items()}
+        start = time.monotonic()
+        got = await run_concurrently(engine, requests)
+        elapsed = time.monotonic() - start
+        assert not prober.done(), prober.exception()
+        print(f"\n{engine.executor.spec.tp}x{engine.executor.spec.pp} workers, steps of >= {SLOW_STEP_S} s, health "
+              f"check timeout {HEALTH_CHECK_TIMEOUT_S} s: {len(checks)} health checks passed in {elapsed:.1f} s "
+              f"(slowest answer {max(checks):.3f} s), {engine.restarts} rebuilds")
+        assert [tokens for tokens in got] == [hf_greedy(hf, p, 3) for p, _ in requests.values()]
+        assert engine.restarts == 0 and engine.dead is None
+        assert len(checks) > 3 * elapsed / SLOW_STEP_S  # several checks during every step
+    finally:
+        prober.cancel()
+        engine.shutdown()

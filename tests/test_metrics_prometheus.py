@@ -2,7 +2,8 @@
 with a temporary data dir) scrapes the metrics agent of every node of the simulated 2x2
 cluster while the Serve app (tp=2 x pp=2) serves a workload that exercises every series:
 streams, n=2, a client that hangs up, preemptions, a full queue (429), a killed worker
-(a rebuild). Through Prometheus's HTTP API: every metric of the catalogue has data, and
+mid-stream (a rebuild, the stream resumed) and another one (the same stream, past
+engine.max_resumes, fails). Through Prometheus's HTTP API: every metric of the catalogue has data, and
 every PromQL expression of the dashboards parses and returns series."""
 
 import asyncio
@@ -32,7 +33,8 @@ MODEL = TINY_MODEL
 @pytest.fixture(scope="module")
 def server(ray_cluster_2x2, chat_model_dir):
     # few KV blocks and a short queue, so preemptions and 429s happen
-    engine = {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8, "step_deadline_s": 5}
+    engine = {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8, "step_deadline_s": 5,
+              "max_resumes": 1}
     with serve_tiny_2x2(chat_model_dir, engine, {"max_waiting_requests": 8}) as url:
         yield url
 
@@ -118,19 +120,32 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
     codes = await workload(server)
     print(f"\nworkload answers by status: {codes}")
     assert codes.get("429", 0) > 0 and codes.get("200", 0) > 0
-    # a worker dies mid-stream: a failed request, a rebuild
-    stats = await serve.get_app_handle("tensorfleet").stats.remote()
-    async with httpx.AsyncClient(timeout=30) as http:
+    # a worker dies mid-stream: a rebuild, the stream resumes; a second death fails it
+    handle = serve.get_app_handle("tensorfleet")
+
+    async def kill_a_worker_and_wait_for_the_rebuild() -> None:
+        stats = await handle.stats.remote()
+        os.kill(stats.worker_pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while (await handle.stats.remote()).restarts == stats.restarts:
+            assert time.monotonic() < deadline, "the replica did not rebuild its workers"
+            await asyncio.sleep(0.5)
+
+    async with httpx.AsyncClient(timeout=120) as http:
         async with http.stream("POST", f"{server}/v1/completions", json={
                 "model": MODEL, "prompt": "def h():\n", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             lines = aiter(r.aiter_lines())
             await anext(lines)
-            os.kill(stats.worker_pids[0], signal.SIGKILL)
+            await kill_a_worker_and_wait_for_the_rebuild()
+            resumed = []  # a few may be from before the kill; most are from the new workers
+            async for line in lines:
+                if line.startswith("data: {"):
+                    resumed.append(line)
+                    if len(resumed) == 20:
+                        break
+            assert not any('"error"' in line for line in resumed)
+            await kill_a_worker_and_wait_for_the_rebuild()
             assert any(['"error"' in line async for line in lines])
-        deadline = time.monotonic() + 120
-        while (await serve.get_app_handle("tensorfleet").stats.remote()).restarts == stats.restarts:
-            assert time.monotonic() < deadline, "the replica did not rebuild its workers"
-            await asyncio.sleep(0.5)
         r = await http.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "y = 2\n", "max_tokens": 8})
         assert r.status_code == 200, r.text
 
@@ -170,5 +185,5 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
 
 
 def _labels(metric: dict[str, str]) -> str:
-    keep = {k: v for k, v in metric.items() if k in ("stage", "tp_rank", "finish_reason", "reason", "le")}
+    keep = {k: v for k, v in metric.items() if k in ("stage", "tp_rank", "finish_reason", "reason", "cause", "le")}
     return "{" + ",".join(f"{k}={v}" for k, v in keep.items()) + "}"

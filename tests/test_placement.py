@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import TensorfleetConfig
-from cluster.placement import PlacementError, WorkerGroup, place_workers, rendezvous_address
+from cluster.placement import PlacementError, WorkerGroup, check_room, place_workers, rendezvous_address
 from cluster.plan import PlanError
 from cluster.replica import plan_replica
 from cluster.verify import verify
@@ -145,6 +145,27 @@ def test_shutdown_kills_workers_and_removes_groups(ray_cluster_2x2):
     for w in group.flat:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(w.where.remote(), timeout=30)
+
+
+def test_check_room_counts_free_bundles_and_what_a_relayout_releases(ray_cluster_2x2):
+    """With tp=2 x pp=1 holding one node, tp=2 x pp=2 has room only once those workers are
+    released; tp=1 x pp=2 fits on the other node as it is."""
+    group = place_probes(2, 1, timeout_s=60)
+    try:
+        deadline = time.monotonic() + 10  # the cluster's resource view catches up with the placement
+        while True:
+            try:
+                check_room(2, 2, use_gpu=True)
+            except PlacementError as e:
+                message = str(e)
+                break
+            assert time.monotonic() < deadline, "check_room did not see the placed group"
+            time.sleep(0.1)
+        assert "cannot place tp=2 x pp=2" in message and "room for 1" in message
+        check_room(2, 2, use_gpu=True, released=group)
+        check_room(1, 2, use_gpu=True)
+    finally:
+        group.shutdown()
 
 
 def config(path, tp, pp, partition=None) -> TensorfleetConfig:

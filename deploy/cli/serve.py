@@ -3,6 +3,11 @@ call it.
 
 With no config it serves the default model (built on first start) at tp=2 x pp=2 on a
 simulated 2-node cluster. Ctrl-C (or SIGTERM) shuts the application and what we started down.
+
+Re-layout while serving: save CONFIG with another `parallel` or `engine` section and the
+running server takes it (checked first, refused with the reason if the cluster cannot hold
+it); requests pause and resume, none fails. The edit goes through Serve's user_config, as
+an edited `serve deploy` config would. Other sections apply on the next start.
 """
 
 import argparse
@@ -13,13 +18,15 @@ from pathlib import Path
 
 from ray import serve
 
-from cluster.config import TensorfleetConfig, load_config
+from cluster.config import ConfigError, TensorfleetConfig, load_config
+from cluster.relayout import LAYOUT_SECTIONS, layout_of
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
-from deploy.server.app import deployment_for
+from deploy.server.app import APP_NAME, deploy
 
 # The engine finishes a request a moment before the proxy has sent its last bytes.
 DRAIN_FLUSH_S = 1.0
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+WATCH_INTERVAL_S = 1.0
 
 
 def resolve_config(path: str | None) -> TensorfleetConfig:
@@ -38,19 +45,70 @@ def curl_line(url: str, model: str, api_key: str | None) -> str:
     return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
-def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None) -> None:
-    """Deploy on the connected Ray cluster, print the URL, block until stopped."""
+def layout_name(config: TensorfleetConfig) -> str:
+    par = config.parallel
+    return f"tp={par.tensor_parallel_size} x pp={par.pipeline_parallel_size}"
+
+
+class ConfigFollower:
+    """Applies saved edits of the served YAML's parallel and engine sections to the
+    running app: checked by the replica first, then through Serve's user_config."""
+
+    def __init__(self, path: Path, deployed: TensorfleetConfig):
+        self.path, self.deployed = path, deployed
+        self.applied = layout_of(deployed)
+        self.mtime = path.stat().st_mtime_ns
+
+    def poll(self) -> str | None:
+        """Apply the file if it was saved since the last look; what happened, or None."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return None  # mid-save (an editor's rename): look again later
+        if mtime == self.mtime:
+            return None
+        self.mtime = mtime
+        return self.apply()
+
+    def apply(self) -> str:
+        try:
+            edited = load_config(self.path)
+        except ConfigError as e:
+            return f"{self.path} not applied: {e}"
+        later = [name for name in TensorfleetConfig.model_fields
+                 if name not in LAYOUT_SECTIONS and getattr(edited, name) != getattr(self.deployed, name)]
+        note = f" ({', '.join(later)}: applied on the next start only)" if later else ""
+        layout = layout_of(edited)
+        if layout == self.applied:
+            return f"{self.path} saved; layout unchanged{note}"
+        reason = serve.get_app_handle(APP_NAME).check_layout.remote(layout).result()
+        if reason is None:
+            start = time.monotonic()
+            status = deploy(self.deployed, layout)
+            if status.refused is None:
+                self.applied = layout
+                took = time.monotonic() - start
+                return f"re-laid out to {layout_name(edited)} in {took:.1f}s; no request failed{note}"
+            reason = status.reason
+        return f"{self.path}: layout refused, still serving the previous one: {reason}{note}"
+
+
+def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None, watch: Path | None = None) -> None:
+    """Deploy on the connected Ray cluster, print the URL, follow edits of `watch` (the
+    config file), block until stopped."""
     stop = stop or threading.Event()
     host, port = config.serve.host, config.serve.port
-    par = config.parallel
-    print(f"deploying {config.served_model_name} at tp={par.tensor_parallel_size} x "
-          f"pp={par.pipeline_parallel_size} (loading weights; replica logs follow)...", flush=True)
+    print(f"deploying {config.served_model_name} at {layout_name(config)} (loading weights; replica logs "
+          "follow)...", flush=True)
     start = time.perf_counter()
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
-    serve.run(deployment_for(config), name="tensorfleet", route_prefix="/")
+    deploy(config)
     url = f"http://{host}:{port}"
     print(f"\nready in {time.perf_counter() - start:.1f}s: {url}  (OpenAI API under {url}/v1)", flush=True)
     print("try:\n  " + curl_line(url, config.served_model_name, config.serve.effective_api_key()), flush=True)
+    if watch is not None:
+        print(f"save {watch} with other parallel or engine settings to re-lay out the running server", flush=True)
+        threading.Thread(target=follow, args=(ConfigFollower(watch, config), stop), daemon=True).start()
     print("Ctrl-C to stop.", flush=True)
     signals = threading.Semaphore(0)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,6 +119,15 @@ def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None
     finally:
         print("stopping the workers...", flush=True)
         serve.shutdown()
+
+
+def follow(follower: ConfigFollower, stop: threading.Event) -> None:
+    while not stop.wait(WATCH_INTERVAL_S):
+        try:
+            if (news := follower.poll()) is not None:
+                print(f"\n{news}", flush=True)
+        except Exception as e:  # noqa: BLE001 - a failed re-layout must not stop the server
+            print(f"\nre-layout failed: {e}", flush=True)
 
 
 def drain(grace_s: float, force: threading.Semaphore) -> None:
@@ -90,7 +157,9 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="serve a model over an OpenAI-compatible HTTP API with Ray Serve",
         description="Deploy CONFIG (default: the built-in tiny model at tp=2 x pp=2 on a simulated "
                     "2x2 cluster) with Ray Serve on serve.host:serve.port. Without --simulate or "
-                    "--address, a one-node Ray cluster is started on 127.0.0.1 for the layout.",
+                    "--address, a one-node Ray cluster is started on 127.0.0.1 for the layout. "
+                    "Saving CONFIG with other parallel or engine settings re-lays out the running "
+                    "server without failing a request (a layout the cluster cannot hold is refused).",
     )
     p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
     add_cluster_args(p)
@@ -105,5 +174,5 @@ def run_serve(args: argparse.Namespace) -> int:
         par = config.parallel
         args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
     with ray_session_of(args):
-        serve_forever(config)
+        serve_forever(config, watch=Path(args.config) if args.config is not None else None)
     return 0
