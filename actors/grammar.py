@@ -75,7 +75,7 @@ def _as_json(value: Any, param: str) -> str:
 
 def tokenizer_json(tokenizer: Any) -> str | None:
     """A Hugging Face fast tokenizer as the JSON llguidance reads (None for a slow one),
-    for `WorkerSpec.tokenizer_json`."""
+    for `SamplerVocabulary.tokenizer_json`."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None

@@ -9,13 +9,15 @@ its TP slice of them, and allocates KV blocks only for those layers and its KV h
 import os
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from actors.attention import PagedAttention, build_attention_metadata
 from actors.comm import ParallelContext, init_parallel
-from actors.grammar import GrammarVocabulary
+from actors.grammar import GrammarVocabulary, tokenizer_json
 from actors.loader import load_checkpoint
 from actors.model_shape import ModelShape
 from actors.models.llama import LlamaStage
@@ -25,6 +27,20 @@ from actors.sharding import layer_partition, stage_layers
 from actors.step_io import RankStats, StepInput, StepOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplerVocabulary:
+    """What the sampling rank knows of the tokenizer, from the driver that loaded it."""
+
+    eos_token_ids: tuple[int, ...] = ()  # masked until a sequence's min_tokens
+    # The tokenizer as Hugging Face tokenizers JSON, for grammar masks; None: the replica
+    # serves no structured outputs.
+    tokenizer_json: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, tokenizer: Any, eos_token_ids: Iterable[int]) -> "SamplerVocabulary":
+        return cls(tuple(eos_token_ids), tokenizer_json(tokenizer) if tokenizer is not None else None)
 
 
 @dataclass(frozen=True)
@@ -43,10 +59,7 @@ class WorkerSpec:
     collective_timeout_s: float = 60.0
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     model_name: str = ""  # the served name, a label on the rank's metrics
-    eos_token_ids: tuple[int, ...] = ()  # masked by the sampler until a sequence's min_tokens
-    # The tokenizer (Hugging Face tokenizers JSON), for grammar masks on the sampling rank;
-    # None: the replica serves no structured outputs.
-    tokenizer_json: str | None = field(default=None, repr=False)
+    vocabulary: SamplerVocabulary = field(default_factory=SamplerVocabulary)
 
 
 class Worker:
@@ -61,7 +74,7 @@ class Worker:
         self.model: LlamaStage | None = None
         self.num_kv_blocks = 0
         self.block_tables: dict[int, list[int]] = {}
-        self.sampler = Sampler(self.device, spec.eos_token_ids)
+        self.sampler = Sampler(self.device, spec.vocabulary.eos_token_ids)
         self.sequences = SequenceStates(None)  # the sampling rank's memory of each sequence
         self.steps = 0
         self.forward_seconds = 0.0
@@ -87,9 +100,10 @@ class Worker:
                 self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
             ).eval()
         stats = load_checkpoint(self.model, self.spec.model_dir)
-        if self.ctx.is_sampling_rank and self.spec.tokenizer_json is not None:
+        vocabulary = self.spec.vocabulary
+        if self.ctx.is_sampling_rank and vocabulary.tokenizer_json is not None:
             self.sequences = SequenceStates(
-                GrammarVocabulary(self.spec.tokenizer_json, self.spec.shape.vocab_size, self.spec.eos_token_ids))
+                GrammarVocabulary(vocabulary.tokenizer_json, self.spec.shape.vocab_size, vocabulary.eos_token_ids))
         return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read}
 
     def weight_bytes(self) -> int:

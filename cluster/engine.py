@@ -134,7 +134,7 @@ class Engine:
             raise ParamError("max_tokens", why)
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
-        if params.grammar is not None and self.executor.spec.tokenizer_json is None:
+        if params.grammar is not None and self.executor.spec.vocabulary.tokenizer_json is None:
             raise ParamError("grammar", "structured outputs need the tokenizer on the workers; this replica's have none")
         seqs, detoks = [], []
         for i in range(params.n):

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from actors.grammar import tokenizer_json
 from actors.model_shape import ModelShape
-from actors.worker import WorkerSpec
+from actors.worker import SamplerVocabulary, WorkerSpec
 from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
 from cluster.engine import Engine, EngineLimits
 from cluster.executor import Executor, InProcessExecutor
@@ -139,8 +138,7 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     model_dir = Path(spec.model_dir)
     tokenizer = load_tokenizer(model_dir, log)
     eos = eos_token_ids(model_dir, tokenizer)
-    # the sampling rank needs EOS for min_tokens and the vocabulary for grammar masks
-    spec = replace(spec, eos_token_ids=eos, tokenizer_json=tokenizer_json(tokenizer) if tokenizer is not None else None)
+    spec = replace(spec, vocabulary=SamplerVocabulary.of(tokenizer, eos))
     executor = build_executor(cfg, plan, spec, log)
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {cfg.engine.block_size} tokens")
     return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,

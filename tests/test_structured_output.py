@@ -1,7 +1,8 @@
 """Grammars: the builders and their errors, and constrained generation in the engine (tp=1,
 in-process) with a real tokenizer: seeded JSON-schema output that parses and validates, a
-regex and a choice, the same tokens through a preemption and after a prefix-cache hit (the
-sampling rank rebuilds its history and matcher from the tokens the driver resends)."""
+regex and a choice, the same tokens through a preemption, after a prefix-cache hit and on
+new workers after one died (the sampling rank rebuilds its history and matcher from the
+tokens the driver resends)."""
 
 import asyncio
 import json
@@ -17,6 +18,7 @@ from actors.sampling_params import ParamError, SamplingParams
 from actors.sampling_state import SequenceStates
 from actors.step_io import SeqStep
 from cluster.engine import Engine, EngineLimits
+from cluster.engine_client import EngineDeadError
 from cluster.executor import InProcessExecutor
 from tests.tiny_models import worker_spec
 
@@ -173,3 +175,38 @@ def test_the_sampling_rank_rebuilds_history_and_matcher_from_a_prefix_hit(tokeni
     assert torch.equal(resent.start_masks([last]).result(), want_mask)
     resent.release([1])
     assert resent.states == {}
+
+
+class DyingOnce(InProcessExecutor):
+    """An in-process executor whose worker 'dies' at its `fail_at`-th step."""
+
+    def __init__(self, spec, fail_at: int | None):
+        super().__init__(spec, 256)
+        self.fail_at, self.steps = fail_at, 0
+
+    def execute(self, step):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise EngineDeadError("the worker died (simulated)")
+        return super().execute(step)
+
+
+async def test_a_constrained_request_resumes_on_new_workers_exactly(chat_model_dir, tokenizer):
+    """A worker dies mid-stream; on the rebuilt worker the sequence is resent from its
+    prompt and the tokens it had, and its grammar state is rebuilt from them."""
+    spec = worker_spec(chat_model_dir, max_model_len=512, block_size=8, tokenizer=tokenizer)
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=11, presence_penalty=0.5,
+                            grammar=grammar.json_schema_grammar(SCHEMA, "response_format"))
+    prompt = tokenizer.encode("Describe a person as JSON:")
+
+    async def tokens(first: InProcessExecutor) -> tuple[list[int], int]:
+        engine = Engine(first, EngineLimits(512, 16, 128, 8), model_name="tiny-chat", vocab_size=spec.shape.vocab_size,
+                        tokenizer=tokenizer, eos_token_ids=(tokenizer.eos_token_id,),
+                        rebuild=lambda: DyingOnce(spec, None))
+        out = [t async for o in engine.generate("r", prompt, params) for d in o.deltas for t in d.token_ids]
+        engine.shutdown()
+        return out, engine.restarts
+
+    undisturbed, _ = await tokens(DyingOnce(spec, None))
+    resumed, restarts = await tokens(DyingOnce(spec, 12))  # the prompt is done; tokens are flowing
+    assert restarts == 1 and resumed == undisturbed

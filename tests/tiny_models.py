@@ -16,9 +16,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from actors.grammar import tokenizer_json
 from actors.model_shape import ModelShape
-from actors.worker import WorkerSpec
+from actors.worker import SamplerVocabulary, WorkerSpec
 
 COMMON = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-5)
 
@@ -69,10 +68,9 @@ def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | Non
                 max_model_len: int = 256, block_size: int = 8, dtype: str = "float32", tokenizer=None) -> WorkerSpec:
     """What a CPU worker of a tiny checkpoint at `path` needs, as a replica would say it
     (with a tokenizer: its EOS and, for grammars, its vocabulary)."""
+    vocabulary = SamplerVocabulary.of(tokenizer, [tokenizer.eos_token_id]) if tokenizer is not None else SamplerVocabulary()
     return WorkerSpec(str(path), ModelShape.from_dir(path), tp, pp, partition, dtype, "cpu",
-                      max_model_len=max_model_len, block_size=block_size,
-                      eos_token_ids=(tokenizer.eos_token_id,) if tokenizer is not None else (),
-                      tokenizer_json=tokenizer_json(tokenizer) if tokenizer is not None else None)
+                      max_model_len=max_model_len, block_size=block_size, vocabulary=vocabulary)
 
 
 def tiny_shape(config) -> ModelShape:
