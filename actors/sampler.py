@@ -6,8 +6,9 @@ One pass over the whole batch, whatever each row asks for:
 3. sampled rows divide by their temperature, then keep, per row,
        min-p:  tokens with p_t >= min_p * p_max, i.e. l_t >= l_max + log(min_p),
        top-k:  the k largest logits (ties with the k-th kept),
-       top-p:  the smallest prefix of the sorted tokens whose probability reaches p,
-   all three from one sort of the batch; then draw with the exponential race:
+       top-p:  of those, the smallest prefix of the sorted tokens whose probability
+               (renormalized over them) reaches p,
+   each vectorized over the rows that use it; then draw with the exponential race:
    argmax(p_t / E_t), E_t ~ Exp(1), which is a draw from p.
 A seeded row draws its E from a generator seeded by (seed, output index), so its tokens
 depend only on its own seed and position: the same alone, in any batch and after a
@@ -34,26 +35,34 @@ def seeded_generator(seed: int, output_index: int, device: torch.device) -> torc
 
 def filter_logits(logits: torch.Tensor, min_p: list[float], top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Set each row's logits outside its min-p, top-k and top-p sets to -inf.
-    logits: [rows, vocab] (temperature applied); one value per row in each list."""
-    vocab = logits.shape[1]
+    logits: [rows, vocab] (temperature applied); one value per row in each list. Only
+    top-p sorts, and only its rows (a sort of the vocabulary is the costly part)."""
+    vocab, device = logits.shape[1], logits.device
     k = [t if 0 < t < vocab else vocab for t in top_k]
-    if all(p == 0 for p in min_p) and all(t == vocab for t in k) and all(p == 1 for p in top_p):
-        return logits
-    device = logits.device
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
 
     def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
-    floor = column([math.log(p) if p > 0 else -math.inf for p in min_p])
-    kth = sorted_logits.gather(1, column([t - 1 for t in k], torch.long))
-    drop = (sorted_logits < sorted_logits[:, :1] + floor) | (sorted_logits < kth)
-    kept = sorted_logits.masked_fill(drop, float("-inf"))
-    probs = kept.softmax(-1)
-    p = column(top_p)
-    # a token goes when the tokens before it already reach top_p (the first always stays)
-    drop |= ((probs.cumsum(-1) - probs) >= p) & (p < 1)
-    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    drop = None
+    if any(p > 0 for p in min_p):
+        floor = column([math.log(p) if p > 0 else -math.inf for p in min_p])
+        drop = logits < logits.max(-1, keepdim=True).values + floor
+    if any(t < vocab for t in k):
+        largest = torch.topk(logits, max(t for t in k if t < vocab)).values
+        kth = largest.gather(1, column([min(t, largest.shape[1]) - 1 for t in k], torch.long))
+        kth = kth.masked_fill(column([t == vocab for t in k], torch.bool), float("-inf"))
+        drop = logits < kth if drop is None else drop | (logits < kth)
+    if drop is not None:
+        logits = logits.masked_fill(drop, float("-inf"))
+    if nucleus := [i for i, p in enumerate(top_p) if p < 1]:
+        rows = logits[nucleus]
+        sorted_logits, order = torch.sort(rows, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # a token goes when the tokens before it already reach top_p (the first always stays)
+        gone = (probs.cumsum(-1) - probs) >= column([top_p[i] for i in nucleus])
+        logits = logits.clone() if drop is None else logits
+        logits[nucleus] = rows.masked_fill(gone.scatter(1, order, gone), float("-inf"))
+    return logits
 
 
 class Sampler:

@@ -1,7 +1,7 @@
 """The sampler on one batch of full-vocabulary logits: what each kind of row costs.
 
     python -m deploy.bench.sampler                       # 64 rows x 49,152 (SmolLM2's vocabulary)
-    python -m deploy.bench.sampler --rows 8 256 --vocab 128256 --rounds 9
+    python -m deploy.bench.sampler --rows 8 256 --vocab 128256 --rounds 9 --threads 1
 
 Cases, each a whole batch of one kind: greedy; sampled (unseeded) with temperature, top-k,
 top-p and min-p different in every row; seeded (the one per-row loop left: a generator per
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5, help="calls per case and round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sampler = Sampler(torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocab {args.vocab}")
     for rows in args.rows:
