@@ -1,9 +1,9 @@
 """What the driver sends to every worker for one step, and what comes back.
 
 Compact by design: a sequence brings only its new token ids, its first new position and
-the KV blocks it gained since the last step (and, once when (re)scheduled, its params and
-the tokens the prefix cache skipped when the sampler needs them). Workers keep each running sequence's block
-table until the driver says it is finished or preempted. This module and
+the KV blocks it gained since the last step (and, when (re)scheduled, its params and, if
+the sampler needs them, the tokens a prefix-cache hit skipped). Workers keep each running
+sequence's block table until the driver says it is finished or preempted. This module and
 `actors.sampling_params` are the wire format between driver and workers: they import
 nothing above them.
 """

@@ -30,12 +30,7 @@ from typing import Any
 from actors.sampling_params import ParamError, SamplingParams
 from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import (
-    EngineDeadError,
-    EngineOverloadedError,
-    EngineStats,
-    RequestOutput,
-)
+from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics, render_prometheus

@@ -54,15 +54,7 @@ workers' latest `RankStats`, read at scrape time. Each metric is defined once, b
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from actors.rank_metrics import (
-    PREFIX,
-    RANK_LABELS,
-    RANK_METRICS,
-    Counter,
-    Gauge,
-    Histogram,
-    rank_labels,
-)
+from actors.rank_metrics import PREFIX, RANK_LABELS, RANK_METRICS, Counter, Gauge, Histogram, rank_labels
 from actors.step_io import RankStats
 
 RAY_PREFIX = "ray_"  # what Ray's exporter adds; /metrics uses the same names

@@ -18,20 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from actors.sampling_params import ParamError, SamplingParams
-from cluster.engine_client import (
-    CompletionDelta,
-    EngineClient,
-    EngineDeadError,
-    RequestOutput,
-    TokenLogprob,
-)
+from cluster.engine_client import CompletionDelta, EngineClient, EngineDeadError, RequestOutput, TokenLogprob
 from deploy.server import tools
-from deploy.server.errors import (
-    APIError,
-    RequestGuard,
-    install_error_handlers,
-    model_not_found,
-)
+from deploy.server.errors import APIError, RequestGuard, install_error_handlers, model_not_found
 from deploy.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -54,12 +43,7 @@ from deploy.server.responses import (
     UsageInfo,
     now,
 )
-from deploy.server.streaming import (
-    collect,
-    engine_outputs,
-    stream_events,
-    until_disconnect,
-)
+from deploy.server.streaming import collect, engine_outputs, stream_events, until_disconnect
 from deploy.server.tool_parser import ToolCallParser
 
 HEALTH_TIMEOUT_S = 10.0

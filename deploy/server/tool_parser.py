@@ -16,12 +16,7 @@ between calls, none at the end).
 import re
 import uuid
 
-from deploy.server.responses import (
-    FunctionCall,
-    FunctionCallDelta,
-    ToolCall,
-    ToolCallDelta,
-)
+from deploy.server.responses import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from deploy.server.tools import CALL_CLOSE, CALL_OPEN
 
 _HEAD = re.compile(r'\n\{"name": "([^"\\]*)", "arguments": ')
