@@ -92,7 +92,8 @@ class _Frontend:
         self._check_model(body.model)
         prompts = [self._tokenizer("prompt").encode(p) if isinstance(p, str) else self._check_token_ids(p, "prompt")
                    for p in body.prompt]
-        structured = body.output_grammar()
+        # grammars are built and checked off the event loop, which also runs the engine's steps
+        structured = await asyncio.to_thread(body.output_grammar)
         if structured is not None:
             self._tokenizer(structured[1])  # the sampling rank masks tokens by their text
         params = body.to_sampling_params(structured[0] if structured else None)
@@ -134,8 +135,8 @@ class _Frontend:
         self._check_model(body.model)
         offered = body.tools if body.tool_mode != "none" else []
         prompt_ids = self._chat_prompt_ids(body.messages, offered)
-        tool_grammar = tools.tool_grammar(offered, body.tool_mode, body.parallel_tool_calls)
-        if (structured := body.output_grammar()) is not None and tool_grammar is not None:
+        tool_grammar = await asyncio.to_thread(tools.tool_grammar, offered, body.tool_mode, body.parallel_tool_calls)
+        if (structured := await asyncio.to_thread(body.output_grammar)) is not None and tool_grammar is not None:
             raise ParamError(structured[1], "cannot be combined with tools unless tool_choice is 'none'")
         grammar = tool_grammar if tool_grammar is not None else structured[0] if structured else None
         params = body.to_sampling_params(max_model_len=self.engine.max_model_len, prompt_len=len(prompt_ids),
