@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from actors.attention import PagedAttention, build_attention_metadata
+from actors.checkpoint import load_checkpoint
 from actors.comm import ParallelContext, init_parallel
 from actors.grammar import GrammarVocabulary, tokenizer_json
-from actors.loader import load_checkpoint
 from actors.model_shape import ModelShape
 from actors.models.llama import LlamaStage
 from actors.sampler import Sampler
@@ -47,7 +47,7 @@ class SamplerVocabulary:
 class WorkerSpec:
     """What every worker of a replica needs to know (the same for all of them)."""
 
-    model_dir: str  # where the weights are
+    model_path: str  # the checkpoint: a Hugging Face folder or a .gguf file
     shape: ModelShape
     tp: int
     pp: int
@@ -59,6 +59,7 @@ class WorkerSpec:
     collective_timeout_s: float = 60.0
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     model_name: str = ""  # the served name, a label on the rank's metrics
+    tensor_split: tuple[float, ...] | None = None  # TP ranks' weights for heads and MLP columns; None: even
     vocabulary: SamplerVocabulary = field(default_factory=SamplerVocabulary)
 
 
@@ -93,18 +94,21 @@ class Worker:
             timeout_s=self.spec.collective_timeout_s,
         )
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, float]:
         """Build this rank's part of the model and read its slices of the checkpoint."""
+        start = time.perf_counter()
         with torch.device(self.device):
             self.model = LlamaStage(
-                self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
+                self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len,
+                self.spec.tensor_split,
             ).eval()
-        stats = load_checkpoint(self.model, self.spec.model_dir)
+        stats = load_checkpoint(self.model, self.spec.model_path)
         vocabulary = self.spec.vocabulary
         if self.ctx.is_sampling_rank and vocabulary.tokenizer_json is not None:
             self.sequences = SequenceStates(
                 GrammarVocabulary(vocabulary.tokenizer_json, self.spec.shape.vocab_size, vocabulary.eos_token_ids))
-        return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read}
+        return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read,
+                "seconds": time.perf_counter() - start}
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

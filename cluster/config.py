@@ -1,10 +1,11 @@
-"""The YAML a user writes (pydantic, vLLM's names) and the model shape read from config.json.
+"""The YAML a user writes (pydantic, vLLM's names).
 
 ```yaml
-model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files
-served_model_name: my-model      # optional, default: the directory name
+model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files, or a .gguf file
+served_model_name: my-model      # optional, default: the directory's (or file's) name
 dtype: auto                      # auto | float32 | bfloat16 | float16
-parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null, device: auto}
+parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null,
+           tensor_split: null, device: auto}
 engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, block_size: 16,
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
          step_deadline_s: 30, max_resumes: 3, executor: plain}
@@ -30,10 +31,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from actors.model_shape import ModelShape
+from actors.sharding import ShardingError, check_tensor_split
 
 __all__ = [
     "ConfigError",
@@ -63,7 +67,22 @@ class ParallelConfig(_Section):
     # Layers per pipeline stage; null splits them as evenly as possible. Checked against
     # the model by cluster/plan.py, the one layout validator.
     layer_partition: list[Annotated[int, Field(gt=0)]] | None = None
+    # One positive weight per TP rank, its share of the heads and MLP columns (like
+    # llama.cpp's --tensor-split), e.g. [24, 16] for a 24 GB GPU beside a 16 GB one;
+    # null splits them as evenly as possible.
+    tensor_split: list[float] | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _one_weight_per_rank(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        tp = info.data.get("tensor_parallel_size")
+        if tp is not None:  # else tensor_parallel_size itself is invalid, and reported
+            try:
+                check_tensor_split(tp, weights)
+            except ShardingError as e:
+                raise ValueError(str(e)) from None
+        return weights
 
 
 class EngineConfig(_Section):
@@ -102,7 +121,7 @@ class ServeConfig(_Section):
 
 class TensorfleetConfig(_Section):
     model: str = Field(min_length=1)
-    served_model_name: str = ""  # "" (or omitted): the model directory's name
+    served_model_name: str = ""  # "" (or omitted): the model directory's name, or the GGUF file's
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig = EngineConfig()
@@ -114,7 +133,8 @@ class TensorfleetConfig(_Section):
         if isinstance(data, dict) and not data.get("served_model_name"):
             model = data.get("model")
             if isinstance(model, str) and model:
-                data = {**data, "served_model_name": Path(os.path.abspath(model)).name}
+                name = Path(os.path.abspath(model)).name.removesuffix(".gguf")
+                data = {**data, "served_model_name": name}
         return data
 
 

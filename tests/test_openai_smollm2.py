@@ -14,7 +14,6 @@ import openai
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM
 
 from actors.sampling_params import SamplingParams
 from tests.test_sampler import reference_logits
@@ -59,9 +58,9 @@ def tokenizer(smollm2_api):
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir):
+def reference(smollm2_reference):
     """transformers' model of the same weights."""
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return smollm2_reference
 
 
 def test_json_schema_outputs_of_20_seeded_requests_parse_and_validate(smollm2_api):
