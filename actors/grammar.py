@@ -22,7 +22,6 @@ import json
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 
 from actors.sampling_params import ParamError
@@ -102,10 +101,14 @@ class GrammarVocabulary:
 
     def bitmask(self, rows: int) -> torch.Tensor:
         """[rows, ceil(vocab / 32)] int32, every token allowed."""
-        return torch.full(llguidance.torch.get_bitmask_shape(rows, self.vocab_size), -1, dtype=torch.int32)
+        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
 
     def fill_bitmasks(self, matchers: list[tuple[llguidance.LLMatcher, int]], bitmask: torch.Tensor) -> None:
         """Row `i` of `bitmask` gets the tokens its matcher allows next, for every
-        (matcher, i); the matchers run in parallel threads, without the GIL."""
+        (matcher, i); the matchers run in parallel threads, without the GIL. (What
+        llguidance.torch.fill_next_token_bitmask_par does; that module is not imported,
+        since it imports torch.compile's machinery, seconds of start-up in every worker.)"""
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
         if matchers:
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, matchers, bitmask)
+            rows, words = bitmask.shape
+            self.executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, rows)
