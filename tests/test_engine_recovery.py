@@ -5,7 +5,8 @@ seeded, the tokens of an undisturbed run), none repeated and none missing; reque
 arrive while it heals wait instead of failing; a request interrupted more than max_resumes
 times fails, and so does everything when the rebuilds give up (then the Serve replica's
 health check fails) or there is no way to rebuild; a re-layout mid-stream changes the KV
-cache and batch sizes without a visible trace; a full waiting queue refuses with EngineOverloadedError and loses nothing it accepted."""
+cache and batch sizes without a visible trace; a full waiting queue refuses with
+EngineOverloadedError and loses nothing it accepted."""
 
 import asyncio
 import threading
