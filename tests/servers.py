@@ -1,6 +1,8 @@
 """Servers the tests talk to over real HTTP on 127.0.0.1: an ASGI app under uvicorn in a
-thread, and the tensorfleet app on Ray Serve (one application at a time per cluster)."""
+thread, the tensorfleet app on Ray Serve (one application at a time per cluster), and the
+metrics agent of every Ray node."""
 
+import re
 import socket
 import threading
 import time
@@ -8,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
+import ray
 import uvicorn
 from ray import serve
 from ray.serve.context import _get_global_client
@@ -78,12 +82,32 @@ TINY_MODEL = "tiny-py"
 
 
 @contextmanager
-def serve_tiny_2x2(model_dir: Any, engine: dict[str, Any], serve_options: dict[str, Any] | None = None) -> Iterator[str]:
+def serve_tiny_2x2(model_dir: Any, engine: dict[str, Any], serve_options: dict[str, Any] | None = None,
+                   name: str = TINY_MODEL) -> Iterator[str]:
     """The tiny chat model at tp=2 x pp=2 on the simulated 2x2 cluster, float32 on CPU,
-    with these engine (and serve) settings; yield its base URL."""
+    with these engine (and serve) settings, served as `name`; yield its base URL."""
     with serve_app({
-        "model": str(model_dir), "served_model_name": TINY_MODEL, "dtype": "float32",
+        "model": str(model_dir), "served_model_name": name, "dtype": "float32",
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
         "engine": engine, "serve": serve_options or {},
     }) as url:
         yield url
+
+
+_SAMPLE = re.compile(r'^(\w+)\{(.*)\} (\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def ray_counter(name: str, **labels: str) -> float:
+    """The counter `name` (as exported: `ray_` prefix, `_total` suffix) over the series
+    with these labels, as the metrics agents of the connected Ray cluster export it now.
+    Each process reports every metrics_report_interval_ms (10 s by default), and an agent
+    sums the processes that report the same labels: give a replica a model name of its own."""
+    total = 0.0
+    for node in ray.nodes():
+        if node["Alive"]:
+            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+            for line in text.splitlines():
+                if (m := _SAMPLE.match(line)) and m[1] == name and labels.items() <= dict(_LABEL.findall(m[2])).items():
+                    total += float(m[3])
+    return total

@@ -84,15 +84,27 @@ def test_stop_strings_and_stop_token_ids(client: TestClient, engine: FakeEngine)
     assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(ids[:3])
 
 
-def test_logprobs(client: TestClient):
+def test_logprobs(client: TestClient, engine: FakeEngine):
+    # The fake gives its token -0.25 and the next ids in the vocabulary -2, -3, ...; asked for
+    # 2, the API sends the two most likely (the token and the id after it), as text.
+    ids = engine.reply_ids(0)[:4]
+    text = [engine.tokenizer.decode([t]) for t in ids]
+    after = [engine.tokenizer.decode([t + 1]) for t in ids]
     r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "logprobs": 2})
-    lp = r.json()["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
-    assert all(1 <= len(top) <= 3 for top in lp["top_logprobs"])
+    assert r.json()["choices"][0]["logprobs"] == {
+        "tokens": text,
+        "token_logprobs": [-0.25] * 4,
+        "top_logprobs": [{t: -0.25, a: -2.0} for t, a in zip(text, after)],
+        "text_offset": [sum(map(len, text[:i])) for i in range(4)],
+    }
     r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, "logprobs": True,
                                                    "top_logprobs": 2})
-    content = r.json()["choices"][0]["logprobs"]["content"]
-    assert len(content) == 4 and all(len(c["top_logprobs"]) == 2 for c in content)
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    assert r.json()["choices"][0]["logprobs"]["content"] == [
+        entry(t, -0.25) | {"top_logprobs": [entry(t, -0.25), entry(a, -2.0)]} for t, a in zip(text, after)]
 
 
 def test_chat(client: TestClient, engine: FakeEngine):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from cluster import config as config_module
 from cluster.config import (
@@ -154,7 +155,7 @@ def test_missing_model_bad_yaml_and_missing_file(tmp_path):
 
 def test_config_is_frozen():
     cfg = TensorfleetConfig(model="/m")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen_instance"):
         cfg.engine = EngineConfig(max_model_len=1)  # type: ignore[misc]
     assert cfg.served_model_name == "m"
 

@@ -3,9 +3,10 @@ pauses every request, the engine rebuilds its workers and each request resumes f
 prompt plus the tokens it had, so every stream is exactly Hugging Face's greedy tokens (or,
 seeded, the tokens of an undisturbed run), none repeated and none missing; requests that
 arrive while it heals wait instead of failing; a request interrupted more than max_resumes
-times fails, and so does everything when the rebuilds give up or there is no way to
-rebuild; a re-layout mid-stream changes the KV cache and batch sizes without a visible
-trace; a full waiting queue refuses with EngineOverloadedError and loses nothing it accepted."""
+times fails, and so does everything when the rebuilds give up (then the Serve replica's
+health check fails) or there is no way to rebuild; a re-layout mid-stream changes the KV
+cache and batch sizes without a visible trace; a full waiting queue refuses with
+EngineOverloadedError and loses nothing it accepted."""
 
 import asyncio
 import threading
@@ -18,6 +19,7 @@ from actors.step_io import StepInput, StepOutput
 from cluster.engine import Engine, EngineLimits
 from cluster.engine_client import EngineDeadError, EngineOverloadedError
 from cluster.executor import InProcessExecutor
+from deploy.server.app import TensorfleetServer
 from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny, worker_spec
 
 BLOCK = 8
@@ -134,20 +136,37 @@ async def test_a_request_interrupted_more_than_max_resumes_times_fails(tiny):
     engine.shutdown()
 
 
-async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_what_it_holds(tiny, monkeypatch):
+async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_the_replica_health_check(tiny, monkeypatch):
+    """Every rebuild fails: the engine fails what it holds, and the Serve replica's health
+    check, which passes while the engine is merely rebuilding, now raises, so Serve
+    replaces the replica (Serve's contract for a health check that raises)."""
     path, _ = tiny
-    monkeypatch.setattr(cluster.engine, "REBUILD_BACKOFF_S", (0.0, 0.0))
+    monkeypatch.setattr(cluster.engine, "REBUILD_BACKOFF_S", (0.0, 0.0, 0.0))
+    attempts: list[int] = []
+    rebuilding = threading.Event()
 
     def broken_rebuild():
+        attempts.append(len(attempts))
+        assert rebuilding.wait(30)
         raise RuntimeError("no GPUs left")
 
     engine = Engine(BreakingExecutor(path, fail_at=2), LIMITS, model_name="tiny", vocab_size=1000,
                     rebuild=broken_rebuild)
-    result = await collect(engine, "a", [5, 6, 7], greedy(8))
-    assert isinstance(result, EngineDeadError) and "could not rebuild the workers" in str(result)
-    assert engine.gave_up and not engine.requests
+    replica = object.__new__(TensorfleetServer.func_or_class)  # the deployment's class, without its constructor
+    replica.engine = engine
+    await replica.check_health()
+    result = asyncio.create_task(collect(engine, "a", [5, 6, 7], greedy(8)))
+    while not attempts:
+        await asyncio.sleep(0.01)
+    await replica.check_health()  # a rebuild under way is the engine's to finish, not Serve's
+    rebuilding.set()
+    result = await result
+    assert isinstance(result, EngineDeadError) and "could not rebuild the workers (3 attempts)" in str(result)
+    assert attempts == [0, 1, 2] and engine.gave_up and not engine.requests
     with pytest.raises(EngineDeadError, match="engine is down"):
         engine.add_request("b", [5, 6, 7], greedy(4))
+    with pytest.raises(RuntimeError, match="could not rebuild its workers"):
+        await replica.check_health()
     engine.shutdown()
 
 

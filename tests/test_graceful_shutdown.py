@@ -18,6 +18,7 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny"
+MAX_TOKENS = 300  # seconds of decoding: still running when the drain begins
 
 
 def test_sigterm_drains_running_streams_then_exits(chat_model_dir, tmp_path):
@@ -27,7 +28,7 @@ def test_sigterm_drains_running_streams_then_exits(chat_model_dir, tmp_path):
         f"model: {chat_model_dir}\nserved_model_name: {MODEL}\ndtype: float32\n"
         "parallel: {tensor_parallel_size: 1, pipeline_parallel_size: 1, device: cpu}\n"
         "engine: {max_model_len: 512, num_kv_blocks: 64}\n"
-        f"serve: {{host: 127.0.0.1, port: {port}, graceful_shutdown_s: 60}}\n")
+        f"serve: {{host: 127.0.0.1, port: {port}, graceful_shutdown_s: 120}}\n")
     # its own session: every process it starts (raylets, workers) can be found afterwards
     cli = os.path.join(os.path.dirname(sys.executable), "tensorfleet")
     server = subprocess.Popen([cli, "serve", str(config), "--simulate", "1x1"],
@@ -44,8 +45,8 @@ def test_sigterm_drains_running_streams_then_exits(chat_model_dir, tmp_path):
         streaming = threading.Event()
 
         def stream() -> None:
-            body = {"model": MODEL, "prompt": "def f():\n", "max_tokens": 300, "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}
+            body = {"model": MODEL, "prompt": "def f():\n", "max_tokens": MAX_TOKENS, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -56,20 +57,25 @@ def test_sigterm_drains_running_streams_then_exits(chat_model_dir, tmp_path):
         client.start()
         assert streaming.wait(60)
         server.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        time.sleep(1.0)
+        sent, at_signal = time.monotonic(), len(events)
+        while (health := httpx.get(f"{url}/health")).status_code == 200:  # the drain has not begun yet
+            assert time.monotonic() < sent + 30, "/health still 200 30 s after SIGTERM"
+            time.sleep(0.05)
+        refused_at = len(events)
         refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
-        health = httpx.get(f"{url}/health")
         client.join(120)
         finished = time.monotonic() - sent
         assert server.wait(120) == 0, "".join(log)[-3000:]
         exited = time.monotonic() - sent
-        print(f"\nSIGTERM: new request {refused.status_code}, /health {health.status_code}; the running "
-              f"stream ended {finished:.1f}s later after {len(events) - 1} events; exit 0 after {exited:.1f}s")
-        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        print(f"\nSIGTERM after {at_signal} events: /health {health.status_code} after {refused_at} events, then a "
+              f"new request {refused.status_code}; the running stream ended {finished:.1f}s later after "
+              f"{len(events) - 1} events; exit 0 after {exited:.1f}s")
         assert health.status_code == 503
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert "data: [DONE]" not in events[:refused_at], "the stream must still run when new requests are refused"
+        assert len(events) > refused_at + 1, "the stream must keep sending after the drain began"
         assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-3]
-        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 300
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == MAX_TOKENS
         deadline = time.monotonic() + 15
         while left := [p for p in psutil.process_iter(["pid"]) if _session(p) == server.pid]:
             assert time.monotonic() < deadline, f"left running: {[p.cmdline() for p in left]}"

@@ -1,13 +1,17 @@
 """The example configs under deploy/configs/ for real model shapes: each passes
 `tensorfleet plan` on the hardware its header names (the `# check:` line, run here as
-written), and the planner's memory per GPU is within 5% of a count made by hand below."""
+written), and the planner's memory per GPU matches a count made by hand below: weights
+exactly, the activation reserve within 1%, the KV cache within one block."""
 
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import deploy.cli.plan
+from cluster.plan import Plan, format_plan
 from deploy.cli.main import main
 from tests.test_plan import table_rows
 
@@ -16,6 +20,7 @@ CONFIGS = REPO / "deploy" / "configs"
 GiB = 2**30
 BF16 = 2
 FP32 = 4
+BLOCK = 16  # engine.block_size, the default in every example
 
 
 @dataclass(frozen=True)
@@ -55,40 +60,60 @@ class Example:
     gpu_memory: int  # bytes per GPU named in the header
     max_num_batched_tokens: int
     max_num_seqs: int
+    max_model_len: int
 
-    def weights(self) -> int:
-        """The heaviest GPU: a stage's layers split tp ways, plus one vocab matrix (the
-        embedding on the first stage, the LM head on the last; both when pp == 1)."""
+    @property
+    def vocab_rows(self) -> int:
+        """The vocabulary padded to a multiple of 64 x tp rows, so each rank holds an equal slice."""
+        multiple = 64 * self.tp
+        return math.ceil(self.model.vocab / multiple) * multiple
+
+    def is_last(self, stage: int) -> bool:
+        return stage == self.pp - 1
+
+    def weights(self, stage: int) -> int:
+        """One GPU of `stage`: its layers split tp ways plus both RMSNorms of each layer (every
+        rank holds them whole); the embedding's slice on the first stage; the LM head's slice
+        and the final norm on the last (Llama-3 does not tie them)."""
         m = self.model
-        stage_layers = m.layers // self.pp
-        vocab_matrices = 2 if self.pp == 1 else 1
-        return (stage_layers * m.layer_params + vocab_matrices * m.embedding) // self.tp * BF16
+        per_layer = m.layer_params // self.tp + 2 * m.hidden
+        vocab_slice = self.vocab_rows // self.tp * m.hidden
+        params = m.layers // self.pp * per_layer
+        params += vocab_slice if stage == 0 else 0
+        params += vocab_slice + m.hidden if self.is_last(stage) else 0
+        return params * BF16
 
-    def activations(self) -> int:
-        """One step's reserve on the last stage: residual, normed input and an output
-        (3 x hidden), the rank's q/k/v, gate/up/act (3 x inter / tp) per batched token in
-        bf16; per sequence float32 logits (the rank's vocab shard, the gathered row, a
-        sampling workspace)."""
+    def activations(self, stage: int) -> int:
+        """One step's reserve: residual, normed input and an output (3 x hidden), the rank's
+        q/k/v, gate/up/act (3 x inter / tp) per batched token in bf16; on the last stage,
+        per sequence float32 logits (the rank's vocab slice, the gathered row, a sampling
+        workspace)."""
         m = self.model
         qkv = (m.heads + 2 * m.kv_heads) * m.head_dim // self.tp
         per_token = (3 * m.hidden + qkv + 3 * m.inter // self.tp) * BF16
-        per_seq = (m.vocab // self.tp + 2 * m.vocab) * FP32
-        return self.max_num_batched_tokens * per_token + self.max_num_seqs * per_seq
+        per_seq = (self.vocab_rows // self.tp + 2 * self.vocab_rows) * FP32
+        return self.max_num_batched_tokens * per_token + (self.max_num_seqs * per_seq if self.is_last(stage) else 0)
 
-    def kv_bytes_per_token(self) -> int:
-        """K and V of the stage's layers for the rank's KV heads (at least one)."""
+    def kv_block_bytes(self) -> int:
+        """K and V of a stage's layers for the rank's KV heads, block_size tokens."""
         m = self.model
-        kv_heads = max(1, m.kv_heads // self.tp)
-        return 2 * (m.layers // self.pp) * kv_heads * m.head_dim * BF16
+        return 2 * (m.layers // self.pp) * (m.kv_heads // self.tp) * m.head_dim * BLOCK * BF16
+
+    def kv_blocks(self) -> int:
+        """What is left of gpu_memory_utilization (0.9) on the tightest GPU, in whole blocks;
+        at most what max_num_seqs sequences of max_model_len can use."""
+        budget = int(0.9 * self.gpu_memory)
+        room = min((budget - self.weights(s) - self.activations(s)) // self.kv_block_bytes() for s in range(self.pp))
+        return min(room, self.max_num_seqs * math.ceil(self.max_model_len / BLOCK))
 
 
 EXAMPLES = {
-    "llama-3-8b-tp1-24gb.yaml": Example(LLAMA_3_8B, 1, 1, 1, 24 * 10**9, 4096, 32),
-    "llama-3-8b-tp2-24gb.yaml": Example(LLAMA_3_8B, 2, 1, 1, 24 * 10**9, 8192, 128),
-    "llama-3-70b-tp4-80gb.yaml": Example(LLAMA_3_70B, 4, 1, 1, 80 * GiB, 8192, 128),
-    "llama-3-70b-tp8-80gb.yaml": Example(LLAMA_3_70B, 8, 1, 1, 80 * GiB, 8192, 256),
-    "llama-3-70b-tp4-pp2-24gb.yaml": Example(LLAMA_3_70B, 4, 2, 2, 24 * 10**9, 2048, 32),
-    "llama-3.1-405b-tp8-pp2.yaml": Example(LLAMA_31_405B, 8, 2, 2, 80 * GiB, 4096, 64),
+    "llama-3-8b-tp1-24gb.yaml": Example(LLAMA_3_8B, 1, 1, 1, 24 * 10**9, 4096, 32, 8192),
+    "llama-3-8b-tp2-24gb.yaml": Example(LLAMA_3_8B, 2, 1, 1, 24 * 10**9, 8192, 128, 8192),
+    "llama-3-70b-tp4-80gb.yaml": Example(LLAMA_3_70B, 4, 1, 1, 80 * GiB, 8192, 128, 8192),
+    "llama-3-70b-tp8-80gb.yaml": Example(LLAMA_3_70B, 8, 1, 1, 80 * GiB, 8192, 256, 8192),
+    "llama-3-70b-tp4-pp2-24gb.yaml": Example(LLAMA_3_70B, 4, 2, 2, 24 * 10**9, 2048, 32, 8192),
+    "llama-3.1-405b-tp8-pp2.yaml": Example(LLAMA_31_405B, 8, 2, 2, 80 * GiB, 4096, 64, 32768),
 }
 
 
@@ -117,25 +142,39 @@ def check_line(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_config_plans_on_its_hardware(name, capsys):
+def test_example_config_plans_on_its_hardware(name, capsys, monkeypatch):
     ex = EXAMPLES[name]
     argv = check_line(CONFIGS / name)
+    printed: list[Plan] = []  # the plan behind the table, whose GiB are rounded to 0.01
+
+    def format_and_keep(plan: Plan) -> str:
+        printed.append(plan)
+        return format_plan(plan)
+
+    monkeypatch.setattr(deploy.cli.plan, "format_plan", format_and_keep)
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"= {ex.tp * ex.pp} GPUs on {ex.nodes} node(s)" in out
     rows = table_rows(out)
     assert len(rows) == ex.tp * ex.pp
-
-    budget = 0.9 * ex.gpu_memory  # gpu_memory_utilization 0.9
     kv_tokens = int(next(line for line in out.splitlines() if line.startswith("KV cache:"))
                     .split(" = ")[1].split()[0])
-    assert kv_tokens >= 8192, "room for at least one full-length sequence"
-    hand_weights, hand_act = ex.weights(), ex.activations()
-    hand_kv = kv_tokens * ex.kv_bytes_per_token()
-    heaviest = max(rows, key=lambda r: float(r["total"]))
-    for key, hand in (("weights", hand_weights), ("total", hand_weights + hand_act + hand_kv)):
-        planned = float(heaviest[key]) * GiB
-        assert abs(planned - hand) <= 0.05 * hand, (
-            f"{name}: {key} {planned / GiB:.2f} GiB planned vs {hand / GiB:.2f} GiB by hand")
-    assert all(float(r["total"]) * GiB <= budget + 0.01 * GiB for r in rows)
-    assert hand_weights + hand_act + hand_kv <= 1.01 * budget
+    assert kv_tokens >= ex.max_model_len, "room for at least one full-length sequence"
+    for row in rows:
+        stage = int(row["stage"])
+        assert row["weights"] == f"{ex.weights(stage) / GiB:.2f}", f"{name}: stage {stage}"
+
+    [plan] = printed
+    assert plan.kv_tokens == kv_tokens
+    for rank in plan.ranks:
+        hand = ex.activations(rank.stage)
+        assert rank.weight_bytes == ex.weights(rank.stage)
+        assert abs(rank.activation_bytes - hand) <= 0.01 * hand, (
+            f"{name}: stage {rank.stage} reserves {rank.activation_bytes / GiB:.3f} GiB of activations, "
+            f"{hand / GiB:.3f} GiB by hand")
+        assert rank.kv_block_bytes == ex.kv_block_bytes()
+    blocks = ex.kv_blocks()
+    assert blocks < ex.max_num_seqs * math.ceil(ex.max_model_len / BLOCK), "memory, not max_num_seqs, bounds the cache"
+    assert abs(plan.num_kv_blocks - blocks) <= 1, f"{name}: {plan.num_kv_blocks} KV blocks planned, {blocks} by hand"
+    budget = 0.9 * ex.gpu_memory
+    assert all(r.total_bytes <= budget for r in plan.ranks)

@@ -1,17 +1,23 @@
 """Metrics end to end: a real Prometheus (Debian's `prometheus`, started here on 127.0.0.1
 with a temporary data dir) scrapes the metrics agent of every node of the simulated 2x2
 cluster while the Serve app (tp=2 x pp=2) serves a workload that exercises every series:
-streams, n=2, a client that hangs up, preemptions, a full queue (429), a killed worker
-mid-stream (a rebuild, the stream resumed) and another one (the same stream, past
-engine.max_resumes, fails). Through Prometheus's HTTP API: every metric of the catalogue has data, and
-every PromQL expression of the dashboards parses and returns series."""
+streams, n=2, a client that hangs up, preemptions, a full queue (429), a killed idle
+worker, a killed worker mid-stream (a rebuild, the stream resumed) and another one (the
+same stream, past engine.max_resumes, fails). Through Prometheus's HTTP API: the counters
+the clients can tally count exactly that (requests rejected = the 429s seen, tokens
+generated = the sum of the usage fields, restarts = 1 after the idle kill), every metric
+of the catalogue has data, and every PromQL expression of the dashboards parses and
+returns series."""
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -19,7 +25,7 @@ import ray
 from ray import serve
 
 from deploy.grafana.dashboards import dashboard_files, dashboard_queries, render_query
-from tests.servers import TINY_MODEL, free_port, serve_tiny_2x2
+from tests.servers import free_port, serve_tiny_2x2
 from tests.test_dashboards import CATALOGUE
 
 pytestmark = [
@@ -27,7 +33,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None,
                        reason="needs Debian's prometheus (make test installs it via .ci/system-packages)"),
 ]
-MODEL = TINY_MODEL
+# Ray sums a counter's series over every process that reports the same labels, the
+# replicas of earlier modules included: a name of its own keeps this replica's counts apart.
+MODEL = "tiny-metrics"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def server(ray_cluster_2x2, chat_model_dir):
     # few KV blocks and a short queue, so preemptions and 429s happen
     engine = {"max_model_len": 256, "block_size": 16, "num_kv_blocks": 24, "max_num_seqs": 8, "step_deadline_s": 5,
               "max_resumes": 1}
-    with serve_tiny_2x2(chat_model_dir, engine, {"max_waiting_requests": 8}) as url:
+    with serve_tiny_2x2(chat_model_dir, engine, {"max_waiting_requests": 8}, name=MODEL) as url:
         yield url
 
 
@@ -67,29 +75,56 @@ def prometheus(ray_cluster_2x2, tmp_path_factory):
     proc.wait(timeout=20)
 
 
-async def workload(url: str) -> dict[str, int]:
-    codes: dict[str, int] = {}
+@dataclass
+class Tally:
+    """What the workload's clients saw: answers by status, tokens their usage fields report."""
 
-    async def one(http, body, hang_up=False):
-        async with http.stream("POST", f"{url}/v1/completions", json={"model": MODEL, **body}) as r:
-            codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
-            async for line in r.aiter_lines():
-                if hang_up and line.startswith("data: {"):
+    codes: Counter[int] = field(default_factory=Counter)
+    completion_tokens: int = 0
+
+
+async def request(http: httpx.AsyncClient, url: str, body: dict, tally: Tally, hang_up: bool = False) -> None:
+    body = {"model": MODEL, **body} | ({"stream_options": {"include_usage": True}} if body.get("stream") else {})
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        tally.codes[r.status_code] += 1
+        if r.status_code != 200:
+            return
+        if not body.get("stream"):
+            usage = json.loads(await r.aread())["usage"]  # read before `+=`, which reads the tally first
+            tally.completion_tokens += usage["completion_tokens"]
+            return
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                if hang_up:
                     return
+                if usage := json.loads(line.removeprefix("data: ")).get("usage"):
+                    tally.completion_tokens += usage["completion_tokens"]
 
+
+async def workload(url: str) -> Tally:
+    """Every kind of request but a hang-up and a worker's death; what the clients saw."""
+    tally = Tally()
     async with httpx.AsyncClient(timeout=120) as http:
-        await one(http, {"prompt": "import os\n" * 4, "max_tokens": 8, "temperature": 0})  # a prefix to reuse
-        await one(http, {"prompt": "x = 1\n", "max_tokens": 40, "stop": ["\n", " ", "("]})  # finish_reason stop
+        def one(body: dict):
+            return request(http, url, body, tally)
+
+        await one({"prompt": "import os\n" * 4, "max_tokens": 8, "temperature": 0})  # a prefix to reuse
+        await one({"prompt": "x = 1\n", "max_tokens": 40, "stop": ["\n", " ", "("]})  # finish_reason stop
         await asyncio.gather(  # fits 8 running + 8 waiting; 24 KV blocks force preemptions
-            *(one(http, {"prompt": "import os\n" * 4 + f"def f{i}():\n", "max_tokens": 64, "stream": True,
-                         "ignore_eos": True}) for i in range(8)),
-            one(http, {"prompt": "class A:\n", "max_tokens": 16, "n": 2, "temperature": 0.8, "seed": 1}),
+            *(one({"prompt": "import os\n" * 4 + f"def f{i}():\n", "max_tokens": 64, "stream": True,
+                   "ignore_eos": True}) for i in range(8)),
+            one({"prompt": "class A:\n", "max_tokens": 16, "n": 2, "temperature": 0.8, "seed": 1}),
         )
-        await one(http, {"prompt": "def g():\n", "max_tokens": 200, "stream": True, "ignore_eos": True},
-                  hang_up=True)  # finish_reason abort
-        await asyncio.gather(*(one(http, {"prompt": "y = 2\n", "max_tokens": 32, "ignore_eos": True})
+        await asyncio.gather(*(one({"prompt": "y = 2\n", "max_tokens": 32, "ignore_eos": True})
                                for _ in range(30)))  # more than fit: 429s
-    return codes
+    return tally
+
+
+async def hang_up(url: str) -> None:
+    """A client that leaves after the first token: finish_reason abort."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        await request(http, url, {"prompt": "def g():\n", "max_tokens": 200, "stream": True, "ignore_eos": True},
+                      Tally(), hang_up=True)
 
 
 def query(prometheus: str, promql: str) -> list[dict]:
@@ -116,21 +151,36 @@ def wait_for_series(prometheus: str, names: list[str], timeout_s: float) -> list
     return missing
 
 
+def counter(prometheus: str, name: str) -> float:
+    """The counter `name` of MODEL, summed over its series."""
+    return sum(float(s["value"][1]) for s in query(prometheus, f'{name}{{model_name="{MODEL}"}}'))
+
+
 async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
-    codes = await workload(server)
-    print(f"\nworkload answers by status: {codes}")
-    assert codes.get("429", 0) > 0 and codes.get("200", 0) > 0
-    # a worker dies mid-stream: a rebuild, the stream resumes; a second death fails it
+    async def assert_counts(name: str, want: float) -> None:
+        """Prometheus shows `name` at `want` (the replica reports every 10 s)."""
+        await asyncio.to_thread(eventually, lambda: counter(prometheus, name) == want, 40)
+        assert (total := counter(prometheus, name)) == want, f"{name} is {total}, the clients saw {want}"
+
+    tally = await workload(server)
+    print(f"\nworkload answers by status: {dict(tally.codes)}, {tally.completion_tokens} tokens in usage")
+    assert tally.codes[429] > 0 and tally.codes[200] > 0
+    await assert_counts("ray_tensorfleet_requests_rejected_total", tally.codes[429])
+    await assert_counts("ray_tensorfleet_generation_tokens_total", tally.completion_tokens)
+    await hang_up(server)
     handle = serve.get_app_handle("tensorfleet")
 
     async def kill_a_worker_and_wait_for_the_rebuild() -> None:
         stats = await handle.stats.remote()
         os.kill(stats.worker_pids[0], signal.SIGKILL)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a loaded machine may need a second attempt
         while (await handle.stats.remote()).restarts == stats.restarts:
             assert time.monotonic() < deadline, "the replica did not rebuild its workers"
             await asyncio.sleep(0.5)
 
+    await kill_a_worker_and_wait_for_the_rebuild()  # while idle: one rebuild
+    await assert_counts("ray_tensorfleet_replica_restarts_total", 1)
+    # a worker dies mid-stream: a rebuild, the stream resumes; a second death fails it
     async with httpx.AsyncClient(timeout=120) as http:
         async with http.stream("POST", f"{server}/v1/completions", json={
                 "model": MODEL, "prompt": "def h():\n", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:

@@ -150,6 +150,35 @@ def test_sized_kv_cache_fills_the_budget_on_the_tightest_gpu():
     assert [r.heads.kv_head_start for r in p.stages[0].ranks] == list(range(8))
 
 
+def test_activation_reserve_and_kv_blocks_by_hand():
+    # Llama-3-8B at tp=3 x pp=2 (16 layers a stage) on 6 GiB GPUs, so memory, not
+    # max_num_seqs x max_model_len, bounds the cache; defaults: 4096 batched tokens, 64
+    # sequences, blocks of 16, 0.9 of the memory. Ranks hold (query heads, KV heads, MLP
+    # columns) 11, 3, 4800 | 11, 4, 4768 | 10, 3, 4768 (see the tp=3 test above).
+    p = plan(tp=3, pp=2, cluster=ClusterSpec(2, 8, 6 * GiB))
+    budget = int(6 * GiB * 0.9)
+    vocab_slice = 128256 // 3  # rows of the embedding / LM head per rank (no padding at tp=3)
+    rooms = []
+    for r in p.ranks:
+        h, k, cols = [(11, 3, 4800), (11, 4, 4768), (10, 3, 4768)][r.tp_rank]
+        last = r.stage == 1
+        # per batched token in bf16: residual, normed input, an output (3 x 4096), the fused
+        # q/k/v output, gate and up and act(gate) * up (3 x the rank's columns)
+        activations = 4096 * (3 * 4096 + (h + 2 * k) * 128 + 3 * cols) * 2
+        if last:  # float32 logits of 64 sequences: the rank's slice, the gathered row, a workspace
+            activations += 64 * (vocab_slice + 2 * 128256) * 4
+        assert r.activation_bytes == activations
+        layer = (h + 2 * k) * 128 * 4096 + h * 128 * 4096 + 3 * cols * 4096 + 2 * 4096
+        weights = 2 * (16 * layer + vocab_slice * 4096 + (4096 if last else 0))
+        assert r.weight_bytes == weights
+        block = 2 * 16 * k * 128 * 16 * 2  # K and V, 16 layers, the rank's KV heads, 16 tokens, bf16
+        assert r.kv_block_bytes == block
+        rooms.append((budget - weights - activations) // block)
+    assert rooms == [7258, 5401, 7380, 7063, 5255, 7185]
+    assert p.num_kv_blocks == min(rooms) == 5255 < 64 * 2048 // 16  # the last stage's rank with 4 KV heads
+    assert p.kv_tokens == 5255 * 16
+
+
 def test_tied_embeddings_and_qkv_bias_counted_by_hand():
     # Qwen2-like: H=64, 8 heads (d=8), 2 KV heads, I=128, 4 layers, vocab 1000 tied.
     qwen = ModelShape.from_dict({

@@ -5,8 +5,9 @@ ends with the text of an undisturbed run, leaking nothing; a re-layout to tp=1 x
 saving the YAML `tensorfleet serve` follows) and back (through Serve's user_config) while
 the streams run does the same; a layout the cluster cannot place is refused before
 anything is touched; a full queue answers 429 with
-Retry-After; 100 streaming clients for 60 s, with a worker killed every 15 s, lose no
-request. Each test prints the figures it measured."""
+Retry-After once the batch is full and exactly max_waiting_requests wait; 100 streaming
+clients for 60 s, with a worker killed every 15 s, lose no request and each gets the
+text of an undisturbed run. Each test prints the figures it measured."""
 
 import asyncio
 import json
@@ -210,17 +211,31 @@ async def test_full_queue_answers_429_with_retry_after(server):
             "model": MODEL, "prompt": "import sys\n", "max_tokens": 48, "temperature": 0, "ignore_eos": True})
         return r
 
+    peak_waiting = 0
+
+    async def watch_the_queue():
+        nonlocal peak_waiting
+        while True:
+            peak_waiting = max(peak_waiting, (await engine_stats()).waiting)
+
     async with httpx.AsyncClient(timeout=120) as http:
         # Fill the running batch first: a burst alone may reach the engine before its first
         # step admits anything, and then only the waiting queue's 8 would be served.
         running = [asyncio.create_task(one(http)) for _ in range(8)]
         deadline = time.monotonic() + 30
-        while (await engine_stats()).running < 8 and time.monotonic() < deadline:
+        while (before := await engine_stats()).running < 8:
+            assert time.monotonic() < deadline, f"8 requests did not fill the batch: {before}"
             await asyncio.sleep(0.02)
+        assert before.waiting == 0
+        watcher = asyncio.create_task(watch_the_queue())
+        # 48 tokens take the full batch many steps: the burst's first 8 wait that long
         replies = await asyncio.gather(*(one(http) for _ in range(32))) + await asyncio.gather(*running)
+        watcher.cancel()
     codes = [r.status_code for r in replies]
     refused = [r for r in replies if r.status_code == 429]
-    print(f"\n40 concurrent requests: {codes.count(200)} served, {len(refused)} refused with 429")
+    print(f"\n40 concurrent requests: {codes.count(200)} served, {len(refused)} refused with 429; "
+          f"the batch was full ({before.running} running) before the burst, at most {peak_waiting} waited")
+    assert peak_waiting == MAX_WAITING
     assert set(codes) == {200, 429}
     assert codes.count(200) >= 8 + MAX_WAITING
     assert all(r.headers["Retry-After"] == "1" for r in refused)
@@ -229,21 +244,34 @@ async def test_full_queue_answers_429_with_retry_after(server):
     assert (await engine_stats()).waiting == 0
 
 
+def soak_request(i: int) -> dict:
+    """Client i's request in the soak test: greedy, 8 to 15 tokens."""
+    return {"model": MODEL, "prompt": f"def f{i}():\n", "max_tokens": 8 + i % 8, "temperature": 0,
+            "ignore_eos": True}
+
+
 async def test_100_streaming_clients_for_60_s_with_a_worker_killed_every_15_s_lose_nothing(server):
     """Each client streams requests back to back for 60 s, waiting Retry-After on a 429,
     while a worker is SIGKILLed every 15 s (once the replica serves again); every request
-    must end with [DONE] (or a 429), none may fail or hang."""
+    must end with [DONE] (or a 429), none may fail or hang, and each completed stream is
+    its max_tokens tokens of the text an undisturbed request gave."""
     duration_s, kill_every_s, per_request_timeout_s = 60.0, 15.0, 180.0
-    tally = {"tried": 0, "completed": 0, "refused": 0, "failed": 0, "hung": 0, "tokens": 0}
+    tally = {"tried": 0, "completed": 0, "refused": 0, "failed": 0, "hung": 0, "wrong": 0, "tokens": 0}
     kills: list[float] = []
+    wrong: list[str] = []
     before = await engine_stats()
+    async with httpx.AsyncClient(timeout=per_request_timeout_s) as http:
+        want = []
+        for group in range(0, 100, MAX_WAITING):  # what an idle engine's queue takes at once
+            replies = await asyncio.gather(*(http.post(f"{server}/v1/completions", json=soak_request(i))
+                                             for i in range(group, min(group + MAX_WAITING, 100))))
+            want += [r.json()["choices"][0]["text"] for r in replies]
 
     async def client(http, i):
         deadline = time.monotonic() + duration_s
+        body = soak_request(i) | {"stream": True, "stream_options": {"include_usage": True}}
         while time.monotonic() < deadline:
             tally["tried"] += 1
-            body = {"model": MODEL, "prompt": f"def f{i}():\n", "max_tokens": 8 + i % 8, "temperature": 0,
-                    "stream": True, "ignore_eos": True}
             try:
                 async with asyncio.timeout(per_request_timeout_s):
                     async with http.stream("POST", f"{server}/v1/completions", json=body) as r:
@@ -254,7 +282,15 @@ async def test_100_streaming_clients_for_60_s_with_a_worker_killed_every_15_s_lo
                         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
                 ok = r.status_code == 200 and lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines)
                 tally["completed" if ok else "failed"] += 1
-                tally["tokens"] += len(lines) - 1 if ok else 0
+                if ok:
+                    *chunks, usage = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+                    text = "".join(c["choices"][0]["text"] for c in chunks)
+                    tokens = usage["usage"]["completion_tokens"]
+                    tally["tokens"] += tokens
+                    reason = chunks[-1]["choices"][0]["finish_reason"]
+                    if (text, tokens, reason) != (want[i], body["max_tokens"], "length"):
+                        tally["wrong"] += 1
+                        wrong.append(f"client {i}: {tokens} tokens {text!r}, want {body['max_tokens']} {want[i]!r}")
             except TimeoutError:
                 tally["hung"] += 1
             except httpx.HTTPError:
@@ -275,7 +311,7 @@ async def test_100_streaming_clients_for_60_s_with_a_worker_killed_every_15_s_lo
     after = await wait_until_serving()
     print(f"\n100 clients, {elapsed:.0f} s, workers killed at {', '.join(f'{t:.0f}' for t in kills)} s: {tally}, "
           f"{tally['tokens'] / elapsed:.0f} streamed tokens/s, {after.restarts - before.restarts} rebuilds")
-    assert tally["failed"] == 0 and tally["hung"] == 0
-    assert tally["completed"] + tally["refused"] == tally["tried"] and tally["completed"] > 0
+    assert tally["failed"] == 0 and tally["hung"] == 0 and tally["completed"] > 0
+    assert wrong == []
     assert after.restarts - before.restarts == len(kills) == 3
     assert after.running == after.waiting == 0 and after.kv_blocks_free == after.kv_blocks
