@@ -231,6 +231,5 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:
             x = x + residual
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)  # one fused kernel, float32 like HF's
         return self.weight * normed.to(x.dtype), x

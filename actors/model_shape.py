@@ -42,7 +42,7 @@ class ModelShape:
     head_dim: int
     tie_word_embeddings: bool
     max_position_embeddings: int
-    torch_dtype: str  # the checkpoint's dtype, what `dtype: auto` serves on GPUs
+    torch_dtype: str  # the checkpoint's dtype (`dtype: auto` picks by device instead: cluster/config.py)
     attention_bias: bool  # q/k/v projections have a bias
     o_proj_bias: bool  # the attention output projection has a bias
     mlp_bias: bool

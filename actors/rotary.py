@@ -2,7 +2,7 @@
 
 For a head vector x of width d, pair dimension j with j + d/2 and rotate the pair by angle
 pos * f_j, f_j = theta^(-2j/d): x' = x * cos + rotate_half(x) * sin. Angles are computed in
-float32 once for all positions, then cast to the activation dtype as Hugging Face does.
+float32 once for all positions, then cast to the model dtype as Hugging Face does.
 Positions are absolute, so the same table serves every rank and every stage.
 """
 
@@ -35,25 +35,29 @@ def llama3_scaled(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, rope: dict):
+    """cos and sin of every position's angles, in the model dtype, looked up once per step.
+
+    The sign of rotate_half is folded into the sin table: rotate_half(x) * sin =
+    roll(x, d/2) * [-sin_lo | sin_hi], so a rotation costs one roll, two multiplies and an
+    add, and negating is exact, so the result is bit-for-bit Hugging Face's."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: dict, dtype: torch.dtype):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inverse_frequencies(head_dim, rope))
         angles = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        sin = angles.sin()
+        sin[:, : head_dim // 2].neg_()
+        # [max_positions, 2, d]: one gather per step fetches both; cast like HF's (float32 -> dtype)
+        self.register_buffer("table", torch.stack((angles.cos(), sin), dim=1).to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for `positions`, [tokens, 1, d]: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) for `positions`, each [tokens, 1, d]: used by every layer of the step."""
+        rows = self.table.index_select(0, positions)
+        return rows[:, 0:1], rows[:, 1:2]
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [tokens, heads, d], k: [tokens, kv_heads, d], rope: `RotaryEmbedding(positions)`."""
-    cos, sin = rope
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [tokens, heads, d] (query and key heads side by side: one call rotates both)."""
+    cos, signed_sin = rope
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

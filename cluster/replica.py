@@ -67,7 +67,7 @@ def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
     checkpoint.check_complete()
     shape = checkpoint.shape
     device = resolve_device(cfg.parallel.device)
-    dtype = resolve_dtype(cfg.dtype, shape, device)
+    dtype = resolve_dtype(cfg.dtype, device)
     par, eng = cfg.parallel, cfg.engine
     plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device))
     spec = WorkerSpec(

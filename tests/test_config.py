@@ -7,12 +7,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from actors.model_shape import ModelShape
+from cluster import config as config_module
 from cluster.config import (
     ConfigError,
     EngineConfig,
     ParallelConfig,
     TensorfleetConfig,
+    cpu_has_native_bf16,
     load_config,
     resolve_dtype,
 )
@@ -171,8 +172,23 @@ def write_model(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def test_resolve_dtype():
-    shape = ModelShape.from_dict(LLAMA)
-    assert resolve_dtype("auto", shape, "cuda") == torch.bfloat16
-    assert resolve_dtype("auto", shape, "cpu") == torch.float32
-    assert resolve_dtype("float16", shape, "cpu") == torch.float16
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\n")
+    return path
+
+
+@pytest.mark.parametrize("flags, native", [("avx512f avx512_bf16", True), ("amx_tile amx_bf16", True),
+                                           ("avx512f avx512_vnni", False), ("", False)])
+def test_cpu_has_native_bf16_reads_the_flags(tmp_path, flags, native):
+    assert cpu_has_native_bf16(_cpuinfo(tmp_path, flags)) is native
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_resolve_dtype_auto_on_cpu_follows_bf16_support(monkeypatch, native, expected):
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native)
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32  # what the parity tests ask for
+    assert resolve_dtype("float16", "cpu") == torch.float16

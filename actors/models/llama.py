@@ -65,7 +65,6 @@ class LlamaAttention(nn.Module):
         super().__init__()
         heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
         mine = shard.heads
-        self.q_size, self.kv_size = mine.num_heads * head_dim, mine.num_kv_heads * head_dim
         self.qkv_proj = QKVParallelLinear(
             shape.hidden_size, head_dim, heads, kv_heads, mine, bias=shape.attention_bias, tp=ctx.tp, dtype=dtype
         )
@@ -75,10 +74,11 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(mine.num_heads, mine.num_kv_heads, head_dim, mine.groups)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        d = self.attn.head_dim
-        q, k = apply_rotary(q.unflatten(-1, (-1, d)), k.unflatten(-1, (-1, d)), rope)
-        return self.o_proj(self.attn(q, k, v.unflatten(-1, (-1, d)), meta))
+        heads, kv_heads = self.attn.num_heads, self.attn.num_kv_heads
+        qkv = self.qkv_proj(h).unflatten(-1, (-1, self.attn.head_dim))  # [T, heads + 2 kv_heads, d]
+        qk = apply_rotary(qkv[:, : heads + kv_heads], rope)  # queries and keys rotated in one pass
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -125,7 +125,8 @@ class LlamaStage(nn.Module):
         self.shape, self.ctx, self.layer_range = shape, ctx, layers
         self.shard = rank_shards(shape, ctx.tp_size, tensor_split)[ctx.tp_rank]
         hidden, vocab = shape.hidden_size, shape.vocab_size
-        self.rotary = RotaryEmbedding(shape.head_dim, max_positions or shape.max_position_embeddings, shape.rope)
+        self.rotary = RotaryEmbedding(shape.head_dim, max_positions or shape.max_position_embeddings, shape.rope,
+                                      dtype)
         self.model = nn.Module()
         if ctx.is_first_stage:
             self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp=ctx.tp, dtype=dtype)
@@ -139,7 +140,7 @@ class LlamaStage(nn.Module):
         """Token ids [T] on the first stage, hidden states [T, hidden] on the others.
         Returns the hidden state after this stage's layers (final-normed on the last stage)."""
         x = self.model.embed_tokens(input_ids_or_hidden) if self.ctx.is_first_stage else input_ids_or_hidden
-        rope = self.rotary(positions, x.dtype)
+        rope = self.rotary(positions)
         residual = None
         for layer in self.model.layers.values():
             x, residual = layer(x, residual, rope, meta)

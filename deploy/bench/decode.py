@@ -76,7 +76,6 @@ def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str
                      repeats: int) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and the time of each, `repeats` times, from one engine built in this
     process (after a warm-up run)."""
-    from actors.sampling_params import SamplingParams
     from cluster.config import TensorfleetConfig
     from cluster.replica import build_engine
 
@@ -87,24 +86,28 @@ def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str
                    "num_kv_blocks": -(-max_len // BLOCK_SIZE)},
     })
     engine = build_engine(config, log=lambda m: None)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-
-    async def generate(request_id: str) -> tuple[list[int], list[float]]:
-        tokens, times = [], []
-        async for out in engine.generate(request_id, prompt, params):
-            for delta in out.deltas:
-                tokens += delta.token_ids
-                times += [time.perf_counter()] * len(delta.token_ids)
-        return tokens, times
 
     async def all_runs() -> list[tuple[list[int], list[float]]]:
-        await generate("warm-up")
-        return [await generate(f"run-{i}") for i in range(repeats)]
+        await timed_generate(engine, "warm-up", prompt, new_tokens)
+        return [await timed_generate(engine, f"run-{i}", prompt, new_tokens) for i in range(repeats)]
 
     try:
         return asyncio.run(all_runs())
     finally:
         engine.shutdown()
+
+
+async def timed_generate(engine, request_id: str, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """One greedy request (EOS ignored) on an engine: its tokens and the time each arrived."""
+    from actors.sampling_params import SamplingParams
+
+    tokens, times = [], []
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    async for out in engine.generate(request_id, prompt, params):
+        for delta in out.deltas:
+            tokens += delta.token_ids
+            times += [time.perf_counter()] * len(delta.token_ids)
+    return tokens, times
 
 
 def hf_run(model, prompt: list[int], new_tokens: int, device: torch.device) -> tuple[list[int], list[float]]:
@@ -134,10 +137,10 @@ def run(path: Path, *, device: str, dtype: str, prompt_len: int, new_tokens: int
             "torch_threads": torch.get_num_threads(), "weight_bytes_per_token": weights,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "bound_tok_s": bound, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "systems": systems,
-            "tokens_match": tf[0][0] == hf[0][0], "first_mismatch": _first_mismatch(tf[0][0], hf[0][0])}
+            "tokens_match": tf[0][0] == hf[0][0], "first_mismatch": first_mismatch(tf[0][0], hf[0][0])}
 
 
-def _first_mismatch(a: list[int], b: list[int]) -> int | None:
+def first_mismatch(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, load_config
 from cluster.replica import build_engine
+from deploy.bench.compare_hf import DEFAULT_HF_BATCH_SIZES, compare_with_hf, format_report
 from deploy.bench.loadgen import bench_engine, bench_online
 from deploy.bench.stats import format_shares, format_summary
 from deploy.bench.workload import MIXED, WorkloadSpec, length_range, make_workload
@@ -29,6 +30,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     target.add_argument("--offline", metavar="CONFIG", help="build the engine of this YAML config here, no HTTP")
+    target.add_argument("--compare-hf", metavar="CONFIG",
+                        help="this config's engine here against Hugging Face generate on the same checkpoint and "
+                             "dtype: batch-1 decode (and the read-bandwidth bound), the workload vs static batching")
     p.add_argument("--model", help="model name to send (default: the server's)")
     p.add_argument("--api-key", help="bearer token for the server")
     p.add_argument("--num-requests", type=int, default=MIXED.num_requests)
@@ -45,11 +49,27 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     p.add_argument("--out", type=Path, help="write the results here as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--decode-tokens", type=int, default=64, help="--compare-hf: new tokens of the batch-1 decode")
+    p.add_argument("--repeats", type=int, default=3, help="--compare-hf: batch-1 decode runs per side (median)")
+    p.add_argument("--hf-batch-sizes", type=batch_sizes, default=",".join(map(str, DEFAULT_HF_BATCH_SIZES)), metavar="N,N,...",
+                   help="--compare-hf: HF static batch sizes to try; the best counts (default %(default)s)")
     add_cluster_args(p)
     p.set_defaults(run=run_bench)
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.compare_hf:
+        return _compare_hf(args)
     options = dict(request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                    progress=not args.no_progress)
     try:
@@ -81,12 +101,36 @@ def _spec(args: argparse.Namespace, vocab_size: int) -> WorkloadSpec:
 def _bench_offline(args: argparse.Namespace, options: dict) -> tuple[WorkloadSpec, dict]:
     config = load_config(args.offline)
     spec = _spec(args, args.vocab_size or open_checkpoint(config.model).shape.vocab_size)
-    par = config.parallel
-    if par.tensor_parallel_size * par.pipeline_parallel_size > 1 and not (args.simulate or args.address):
-        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
+    _simulate_if_needed(args, config)
     with ray_session_of(args):
         engine = build_engine(config, log=lambda m: print(m, flush=True))
         try:
             return spec, asyncio.run(bench_engine(engine, make_workload(spec), **options))
         finally:
             engine.shutdown()
+
+
+def _compare_hf(args: argparse.Namespace) -> int:
+    config = load_config(args.compare_hf)
+    work = make_workload(_spec(args, args.vocab_size or open_checkpoint(config.model).shape.vocab_size))
+    _simulate_if_needed(args, config)
+    try:
+        with ray_session_of(args):
+            report = compare_with_hf(config, work, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                                     hf_batch_sizes=args.hf_batch_sizes, progress=not args.no_progress,
+                                     log=lambda m: print(m, flush=True))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(format_report(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.out}")
+    return 0 if report["mixed"]["tensorfleet"]["failed"] == 0 else 1
+
+
+def _simulate_if_needed(args: argparse.Namespace, config) -> None:
+    """A multi-rank config with no cluster named runs on a simulated one-node cluster."""
+    par = config.parallel
+    if par.tensor_parallel_size * par.pipeline_parallel_size > 1 and not (args.simulate or args.address):
+        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"

@@ -86,7 +86,7 @@ def run_plan(args: argparse.Namespace) -> int:
     # Default: just enough nodes, each stage's TP group packed inside one node.
     nodes = args.nodes or math.ceil(pp / max(1, gpus_per_node // tp))
     device = "cpu" if config.parallel.device == "cpu" else "cuda"
-    dtype = resolve_dtype(config.dtype, shape, device)
+    dtype = resolve_dtype(config.dtype, device)
     memory = args.gpu_memory or (device_memory_bytes("cpu", tp * pp) if device == "cpu"
                                  else parse_size(DEFAULT_GPU_MEMORY))
     plan = make_plan(shape, config.parallel, config.engine, dtype, ClusterSpec(nodes, gpus_per_node, memory))
