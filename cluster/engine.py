@@ -80,12 +80,12 @@ def seed_for_completion(seed: int | None, index: int) -> int | None:
 class Engine:
     def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, vocab_size: int,
                  tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
-                 rebuild: Callable[[], Executor] | None = None):
+                 rebuild: Callable[[], Executor] | None = None, replica: str = ""):
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.metrics = EngineMetrics(model_name)
+        self.metrics = EngineMetrics(model_name, replica)  # replica: its name among the model's
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()

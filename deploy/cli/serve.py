@@ -129,12 +129,11 @@ def drain(grace_s: float, force: threading.Semaphore) -> None:
     """Refuse new requests and wait (up to `grace_s`, or a second Ctrl-C) for running
     ones to finish. Serve's own shutdown would cut open streams at the proxy."""
     force.acquire(blocking=False)  # the signal that started the drain
-    app = serve.get_app_handle("tensorfleet")
+    app = serve.get_app_handle(APP_NAME)
     app.drain.remote().result()
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        stats = app.stats.remote().result()
-        in_flight = stats.running + stats.waiting
+        in_flight = app.in_flight.remote().result()
         if in_flight == 0:
             time.sleep(DRAIN_FLUSH_S)
             print("\nno requests left running", flush=True)
