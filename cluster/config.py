@@ -25,6 +25,7 @@ in `cluster/plan.py`; the config alone cannot know them.
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,8 +199,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike) -> TensorfleetConfig:
-    """Read and validate a YAML config; a relative `model:` is relative to the YAML's folder."""
+def load_config(path: str | os.PathLike, default_model: Callable[[], os.PathLike] | None = None) -> TensorfleetConfig:
+    """Read and validate a YAML config; a relative `model:` is relative to the YAML's folder.
+    Without `model:`, `default_model()` names it when given."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -209,6 +211,8 @@ def load_config(path: str | os.PathLike) -> TensorfleetConfig:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings (model:, parallel:, ...)")
+    if "model" not in data and default_model is not None:
+        data["model"] = str(default_model())
     model = data.get("model")
     if isinstance(model, str) and model and not os.path.isabs(model):
         data["model"] = os.path.normpath(Path(os.path.abspath(path)).parent / model)

@@ -222,9 +222,10 @@ def _check_replicas(parallel: ParallelConfig, serve: ServeConfig, cluster: Clust
 
 
 def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
-              dtype: torch.dtype, cluster: ClusterSpec, serve: ServeConfig = ServeConfig()) -> Plan:
+              dtype: torch.dtype, cluster: ClusterSpec, serve: ServeConfig | None = None) -> Plan:
     """Lay one replica of the model out on `cluster` and check that all of serve's replicas
-    fit it, or raise `PlanError` saying which field to change."""
+    fit it (one replica without `serve`), or raise `PlanError` saying which field to change."""
+    serve = serve or ServeConfig()
     _check_layout(shape, parallel, cluster)
     _check_replicas(parallel, serve, cluster)
     if engine.max_model_len > shape.max_position_embeddings:

@@ -23,7 +23,15 @@ from actors.sampling_params import SamplingParams
 from actors.step_io import RankStats
 from cluster.config import TensorfleetConfig
 from cluster.engine_client import EngineDeadError, EngineStats, RequestOutput
-from cluster.relayout import Layout, LayoutRefused, LayoutStatus, layout_of, plan_layout, relayout, with_layout
+from cluster.relayout import (
+    Layout,
+    LayoutRefused,
+    LayoutStatus,
+    layout_of,
+    plan_layout,
+    relayout,
+    with_layout,
+)
 from cluster.replica import build_engine
 
 logger = logging.getLogger("ray.serve")

@@ -25,7 +25,12 @@ at one remote call per request).
 
 from collections import OrderedDict, defaultdict
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from cluster.kv_blocks import prefix_keys
 
