@@ -5,6 +5,7 @@ its KV blocks are (cached_tokens > 0), autoscaling goes 1 -> 2 under load and ba
 engine's metrics carry a replica label."""
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -213,13 +214,59 @@ async def test_engine_metrics_carry_a_replica_label(two_replicas):
     carry its own `replica` label, scraped from the nodes' metrics agents."""
     async with httpx.AsyncClient(timeout=120) as http:
         await asyncio.gather(*(chat(http, two_replicas, system_prompt(100 + i), "Hi.") for i in range(4)))
-    pattern = re.compile(r'^ray_tensorfleet_requests_finished_total\{[^}]*model_name="%s"[^}]*\}' % MODEL, re.M)
+    pattern = re.compile(rf'^ray_tensorfleet_requests_finished_total\{{[^}}]*model_name="{MODEL}"[^}}]*\}}', re.MULTILINE)
     deadline, replicas = time.monotonic() + 60, set()
-    while time.monotonic() < deadline and len(replicas) < 2:
-        replicas = set()
-        for node in ray.nodes():
-            if node["Alive"]:
-                text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-                replicas |= {m for line in pattern.findall(text) for m in re.findall(r'replica="([^"]+)"', line)}
-        await asyncio.sleep(2)
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < deadline and len(replicas) < 2:
+            replicas = set()
+            for node in ray.nodes():
+                if node["Alive"]:
+                    text = (await http.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics")).text
+                    replicas |= {m for line in pattern.findall(text) for m in re.findall(r'replica="([^"]+)"', line)}
+            await asyncio.sleep(2)
     assert len(replicas) == 2, f"replica labels seen: {replicas}"
+
+
+
+async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, progress: list[int], i: int) -> str:
+    """A greedy 256-token completion, streamed; counts the chunks received in `progress[i]`."""
+    text = ""
+    async with http.stream("POST", f"{url}/v1/completions", json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 256, "temperature": 0, "ignore_eos": True,
+            "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line.removeprefix("data: "))
+                assert "error" not in event, event
+                text += event["choices"][0]["text"]
+                progress[i] += 1
+    return text
+
+
+def engine_replicas() -> list:
+    """The EngineReplica actors (Serve names them SERVE_REPLICA::app#deployment#id)."""
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{ENGINE}#")]
+
+
+@pytest.mark.slow
+async def test_a_replica_dies_during_8_streams_and_they_finish_on_its_sibling(two_replicas):
+    """8 streams over the two replicas (8 new prefixes spread by load); one replica's process
+    is killed while every stream runs: all 8 complete, with the texts of an undisturbed run."""
+    prompts = [f"def function_{i}(x):\n    return" for i in range(8)]
+    async with httpx.AsyncClient(timeout=300) as http:
+        undisturbed = await asyncio.gather(*(stream_text(http, two_replicas, p, [0], 0) for p in prompts))
+        progress = [0] * 8
+        streams = [asyncio.ensure_future(stream_text(http, two_replicas, p, progress, i))
+                   for i, p in enumerate(prompts)]
+        deadline = time.monotonic() + 120
+        while min(progress) < 4:
+            assert time.monotonic() < deadline and not any(s.done() for s in streams)
+            await asyncio.sleep(0.05)
+        replicas = engine_replicas()
+        assert len(replicas) == 2 and not any(s.done() for s in streams)
+        ray.kill(replicas[0], no_restart=True)  # as a crash: the process ends, Serve starts another
+        texts = await asyncio.gather(*streams)
+    assert texts == undisturbed
+    assert await serve.get_app_handle(APP_NAME).failovers.remote() >= 1  # the killed replica had streams

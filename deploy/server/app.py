@@ -92,6 +92,10 @@ class OpenAIIngress:
         """Requests this ingress has open on the replicas."""
         return self.engine.in_flight
 
+    async def failovers(self) -> int:
+        """Requests this ingress moved to a sibling replica after theirs died or gave up."""
+        return self.engine.failovers
+
     async def stats(self) -> EngineStats:
         """One replica's scheduler and KV-cache occupancy, worker rebuilds and worker
         process ids, for operators (through a Serve handle) and tests."""
