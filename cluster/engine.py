@@ -33,7 +33,7 @@ from cluster.detokenizer import IncrementalDetokenizer
 from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
-from cluster.metrics import EngineMetrics
+from cluster.metrics import EngineMetrics, render_prometheus
 from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
@@ -120,6 +120,7 @@ class Engine:
         if request_id in self.requests:
             raise ParamError("request_id", f"{request_id!r} is already running")
         params.validate(self.max_model_len, len(prompt_ids))
+        params.check_token_ids(self.vocab_size)
         if len(self.scheduler.waiting) + params.n > self.limits.max_waiting_requests:
             self.metrics.rejected_request("overloaded")
             raise EngineOverloadedError(
@@ -128,6 +129,8 @@ class Engine:
             raise ParamError("max_tokens", why)
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
+        if params.grammar is not None and self.executor.spec.vocabulary.tokenizer_json is None:
+            raise ParamError("grammar", "structured outputs need the tokenizer on the workers; this replica's have none")
         seqs, detoks = [], []
         for i in range(params.n):
             seq_params = replace(params, seed=seed_for_completion(params.seed, i))
@@ -191,6 +194,7 @@ class Engine:
                 sample=seq.num_computed + s.num_tokens == seq.num_tokens,
                 params=seq.params if seq.needs_params else None,
                 output_index=len(seq.output_ids),
+                prefix_ids=seq.tokens[: seq.num_computed] if seq.needs_params and seq.params.needs_history else [],
             ))
             seq.blocks_sent = len(ids)
             seq.needs_params = False
@@ -274,6 +278,15 @@ class Engine:
 
     async def rank_stats(self) -> list[RankStats]:
         return await asyncio.to_thread(self.executor.rank_stats)
+
+    async def prometheus_metrics(self) -> bytes:
+        ranks: list[RankStats] = []
+        if self.dead is None:
+            try:
+                ranks = await self.rank_stats()
+            except Exception:  # noqa: BLE001 - a worker just died: the engine's own series still count
+                ranks = []
+        return render_prometheus(self.metrics, ranks)
 
     def drain(self) -> None:
         self.draining = True

@@ -114,6 +114,9 @@ class EngineReplica:
     async def rank_stats(self) -> list[RankStats]:
         return await self.engine.rank_stats()
 
+    async def prometheus_metrics(self) -> bytes:
+        return await self.engine.prometheus_metrics()
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:

@@ -120,6 +120,11 @@ class RemoteEngine:
     async def rank_stats(self) -> list[RankStats]:
         return await self.handle.rank_stats.remote()
 
+    async def prometheus_metrics(self) -> bytes:
+        """One replica's series (each scrape may reach another; all carry its `replica`
+        label). Prometheus scraping Ray's metrics agents sees every replica at once."""
+        return await self.handle.prometheus_metrics.remote()
+
     @property
     def in_flight(self) -> int:
         return len(self.streams)
