@@ -4,7 +4,8 @@
 
 A chat product's traffic: 16 system prompts (`--system-len` random token ids each), each
 followed by 8 follow-ups (the system prompt plus `--user-len` new tokens), 144 requests in a
-seeded random order, `--max-concurrency` in flight. Served by the default model on a simulated
+seeded random order, `--max-concurrency` in flight, each asking for `--output-len` tokens
+(default 1: the time to the first token is what a prefix hit saves). Served by the default model on a simulated
 2-node cluster as 2 replicas at tp=1, each with `--kv-blocks` KV blocks: enough for half of
 the system prompts, so a router that sends every prompt everywhere keeps evicting them, and
 one that keeps each prompt on one replica holds them all (the effective cache doubles).
@@ -93,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", type=int, default=16)
     p.add_argument("--follow-ups", type=int, default=8)
-    p.add_argument("--system-len", type=int, default=384)
-    p.add_argument("--user-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--kv-blocks", type=int, default=256, help="per replica (16 tokens each)")
-    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--system-len", type=int, default=128)
+    p.add_argument("--user-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=1)
+    p.add_argument("--kv-blocks", type=int, default=96, help="per replica (16 tokens each)")
+    p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -112,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in ROUTERS:
             results[name] = run_router(name, work, args)
+            if args.out:  # after each router: a slow machine may not see the end
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2, default=str))
     finally:
         cluster.shutdown()
     print(format_report(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0
 
