@@ -91,14 +91,16 @@ class RemoteEngine:
             request_id=request_id if attempt == 0 else f"{request_id}-{attempt}",
             prompt_token_ids=prompt, params=params)
         self.streams[request_id] = stream
+        ended = False
         try:
             async for out in stream:
                 yield out
+            ended = True
         except RayTaskError as e:
             raise _unwrapped(e) from None
         finally:
-            if self.streams.pop(request_id, None) is not None:
-                stream.cancel()  # a no-op once the stream has ended
+            if self.streams.pop(request_id, None) is not None and not ended:
+                stream.cancel()  # the caller went away: abort the request on its replica
 
     async def abort(self, request_id: str) -> None:
         if (stream := self.streams.pop(request_id, None)) is not None:
