@@ -107,6 +107,22 @@ def test_router_follows_the_prefix_and_spreads_new_ones():
     assert _route(router2, replicas, _request("w", system_a + [7])) == other
 
 
+def test_router_offers_only_the_holder_for_its_first_tries():
+    """A slow queue-length answer from the holder must not send the request elsewhere at once."""
+    from deploy.server.router import HOLDER_ONLY_TRIES
+
+    router, replicas = _router(), [_replica("a"), _replica("b")]
+    prompt = list(range(16))
+    holder = _route(router, replicas, _request("0", prompt))
+    router.on_request_completed(holder, "0")
+    follow_up = _request("1", prompt + [99])
+    for _ in range(HOLDER_ONLY_TRIES):
+        ranks = asyncio.run(router.choose_replicas(replicas, follow_up))
+        assert [[r.replica_id for r in rank] for rank in ranks] == [[holder]]
+    ranks = asyncio.run(router.choose_replicas(replicas, follow_up))
+    assert [[r.replica_id for r in rank] for rank in ranks] == [[holder], [r.replica_id for r in replicas if r.replica_id != holder]]
+
+
 def test_router_falls_back_to_the_least_loaded_past_the_imbalance():
     router, replicas = _router(max_load_imbalance=2), [_replica("a"), _replica("b")]
     prompt = list(range(16))

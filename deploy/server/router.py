@@ -17,7 +17,10 @@ It prefers the replica with the longest match, unless that replica is overloaded
                 prefixes spread out)
 
 and hands Serve the rest, least loaded first, as fallbacks (Serve still skips a replica whose
-queue is full). What a router remembers is bounded (LRU over blocks), like the caches it mirrors;
+queue is full). A prompt with a holder is offered only that replica for its first
+`HOLDER_ONLY_TRIES` routing attempts: Serve asks a replica its queue length with a deadline
+(0.1 s, longer on retries), and under load a late answer would otherwise send the request to
+a cold replica. What a router remembers is bounded (LRU over blocks), like the caches it mirrors;
 a block the engine evicted meanwhile only costs a cache miss. With several ingress replicas each
 has its own router and memory (Serve LLM's PrefixCacheAffinityRouter shares one tree in an actor,
 at one remote call per request).
@@ -36,6 +39,8 @@ from cluster.kv_blocks import prefix_keys
 
 # Block keys remembered per router: 2^18 blocks of 16 tokens = 4M prompt tokens, ~50 MB.
 DEFAULT_MAX_BLOCKS = 1 << 18
+# Routing attempts that offer only the prefix holder before the other replicas join in.
+HOLDER_ONLY_TRIES = 4
 
 
 class PrefixAwareRouter(RequestRouter):
@@ -52,6 +57,7 @@ class PrefixAwareRouter(RequestRouter):
         self.blocks_held: defaultdict[ReplicaID, int] = defaultdict(int)
         self.in_flight: dict[str, ReplicaID] = {}  # internal request id -> its replica
         self.load: defaultdict[ReplicaID, int] = defaultdict(int)
+        self.tries: dict[str, int] = {}  # internal request id -> routing attempts so far
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -63,10 +69,15 @@ class PrefixAwareRouter(RequestRouter):
         best, matched = self._longest_match(keys, candidate_replicas)
         least = self.load[by_load[0].replica_id]
         if matched > 0 and self.load[best.replica_id] - least <= self.max_load_imbalance:
+            request_id = pending_request.metadata.internal_request_id
+            self.tries[request_id] = tries = self.tries.get(request_id, 0) + 1
+            if tries <= HOLDER_ONLY_TRIES:
+                return [[best]]
             return [[best], [r for r in by_load if r is not best]]
         return [[by_load[0]], by_load[1:]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self.tries.pop(pending_request.metadata.internal_request_id, None)
         self.in_flight[pending_request.metadata.internal_request_id] = replica_id
         self.load[replica_id] += 1
         for key in self._keys(pending_request):
