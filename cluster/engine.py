@@ -30,7 +30,7 @@ from typing import Any
 from actors.sampling_params import ParamError, SamplingParams
 from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
+from cluster.engine_client import EngineDeadError, EngineGaveUpError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics, render_prometheus
@@ -427,4 +427,4 @@ class Engine:
             return
         self.gave_up = True
         attempts = len(REBUILD_BACKOFF_S)
-        self._fail_all(EngineDeadError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))
+        self._fail_all(EngineGaveUpError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))

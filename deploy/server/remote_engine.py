@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from actors.sampling_params import SamplingParams
 from actors.step_io import RankStats
-from cluster.engine_client import EngineDeadError, EngineStats, RequestOutput, Usage
+from cluster.engine_client import EngineDeadError, EngineGaveUpError, EngineStats, RequestOutput, Usage
 
 logger = logging.getLogger("ray.serve")
 # Times one request may move to another replica before it fails: a move may reach a replica
@@ -77,7 +77,7 @@ class RemoteEngine:
                                 len(prompt_token_ids), len(produced), first_usage.cached_prompt_tokens))
                         yield out
                 return
-            except (RayActorError, ActorUnavailableError, EngineDeadError) as e:
+            except (RayActorError, ActorUnavailableError, EngineGaveUpError) as e:  # not one request's own failures
                 if params.n > 1 or attempt == MAX_FAILOVERS or self.draining:
                     raise EngineDeadError(f"the model replica failed: {e}") from None
                 self.failovers += 1
