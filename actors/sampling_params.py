@@ -25,6 +25,9 @@ class ParamError(ValueError):
         self.param = param
         self.message = message
 
+    def __reduce__(self):  # raised in a model replica, re-raised by the HTTP ingress
+        return ParamError, (self.param, self.message)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

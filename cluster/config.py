@@ -10,7 +10,11 @@ engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, bl
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
          step_deadline_s: 30, max_resumes: 3, executor: plain}
 serve: {host: 127.0.0.1, port: 8000, api_key: null, max_waiting_requests: 256,
-        max_body_bytes: 1048576, graceful_shutdown_s: 30}
+        max_body_bytes: 1048576, graceful_shutdown_s: 30,
+        num_replicas: 1,                 # model replicas behind the endpoint, each its own TP x PP workers
+        autoscaling: null,               # or {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16,
+                                         #      upscale_delay_s: 10, downscale_delay_s: 60} instead of num_replicas
+        routing: prefix, max_load_imbalance: 8}
 ```
 
 Every section forbids unknown keys and takes no coercion (`tensor_parallel_size: "2"` is an
@@ -21,6 +25,7 @@ in `cluster/plan.py`; the config alone cannot know them.
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +44,7 @@ from pydantic import (
 from actors.sharding import ShardingError, check_tensor_split
 
 __all__ = [
+    "AutoscalingConfig",
     "ConfigError",
     "EngineConfig",
     "ParallelConfig",
@@ -106,6 +112,24 @@ class EngineConfig(_Section):
     executor: Literal["plain", "compiled"] = "plain"
 
 
+class AutoscalingConfig(_Section):
+    """Ray Serve's autoscaling of the model replicas (its field names): between min and
+    max replicas, aiming at `target_ongoing_requests` requests per replica."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)  # load above target this long adds replicas
+    downscale_delay_s: float = Field(60.0, ge=0)  # load below target this long removes them
+    look_back_period_s: float = Field(10.0, gt=0)  # the window the load is averaged over
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
+        return self
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
@@ -114,6 +138,28 @@ class ServeConfig(_Section):
     max_body_bytes: int = Field(1_048_576, gt=0)
     # On SIGTERM / Ctrl-C: stop taking requests, let running ones finish for up to this long
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    # Model replicas behind the one endpoint, each with its own TP x PP workers: a fixed
+    # count, or `autoscaling` (then num_replicas stays unset).
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    # prefix: to the replica most likely to hold the prompt's KV blocks (deploy/server/router.py),
+    # unless its in-flight requests exceed the least loaded replica's by more than
+    # max_load_imbalance; power_of_two: Serve's default (the less loaded of two random replicas).
+    routing: Literal["prefix", "power_of_two"] = "prefix"
+    max_load_imbalance: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _one_replica_count(self) -> "ServeConfig":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+    @property
+    def max_replicas(self) -> int:
+        """The most model replicas this config may run at once (what must fit the cluster)."""
+        if self.autoscaling is not None:
+            return self.autoscaling.max_replicas
+        return self.num_replicas or 1
 
     def effective_api_key(self) -> str | None:
         """`api_key` from the YAML, else env TENSORFLEET_API_KEY, else None (no auth)."""
@@ -154,8 +200,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike) -> TensorfleetConfig:
-    """Read and validate a YAML config; a relative `model:` is relative to the YAML's folder."""
+def load_config(path: str | os.PathLike, default_model: Callable[[], os.PathLike] | None = None) -> TensorfleetConfig:
+    """Read and validate a YAML config; a relative `model:` is relative to the YAML's folder.
+    Without `model:`, `default_model()` names it when given."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -165,6 +212,8 @@ def load_config(path: str | os.PathLike) -> TensorfleetConfig:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings (model:, parallel:, ...)")
+    if "model" not in data and default_model is not None:
+        data["model"] = str(default_model())
     model = data.get("model")
     if isinstance(model, str) and model and not os.path.isabs(model):
         data["model"] = os.path.normpath(Path(os.path.abspath(path)).parent / model)

@@ -30,7 +30,7 @@ from typing import Any
 from actors.sampling_params import ParamError, SamplingParams
 from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
+from cluster.engine_client import EngineDeadError, EngineGaveUpError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics, render_prometheus
@@ -80,12 +80,12 @@ def seed_for_completion(seed: int | None, index: int) -> int | None:
 class Engine:
     def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, vocab_size: int,
                  tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
-                 rebuild: Callable[[], Executor] | None = None):
+                 rebuild: Callable[[], Executor] | None = None, replica: str = ""):
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.metrics = EngineMetrics(model_name)
+        self.metrics = EngineMetrics(model_name, replica)  # replica: its name among the model's
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
@@ -427,4 +427,4 @@ class Engine:
             return
         self.gave_up = True
         attempts = len(REBUILD_BACKOFF_S)
-        self._fail_all(EngineDeadError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))
+        self._fail_all(EngineGaveUpError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))

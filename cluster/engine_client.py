@@ -18,6 +18,11 @@ class EngineDeadError(RuntimeError):
     """The engine's workers are gone or stuck; in-flight requests fail with this (HTTP 503)."""
 
 
+class EngineGaveUpError(EngineDeadError):
+    """Every rebuild of the engine's workers failed: its requests fail with this, and only
+    another replica can serve them (the HTTP ingress moves them to a sibling)."""
+
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full; the caller should retry later (HTTP 429)."""
 

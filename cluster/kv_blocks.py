@@ -11,7 +11,22 @@ order, evicting the least recently freed cached block first.
 """
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+
+def block_key(parent: int | None, tokens: list[int]) -> int:
+    """The prefix key of a full block: its tokens and, through `parent`, all before them."""
+    return hash((parent, tuple(tokens)))
+
+
+def prefix_keys(tokens: list[int], block_size: int) -> Iterator[int]:
+    """The keys of the full blocks of `tokens`, in order: those `match_prefix` looks up
+    (the request router keys replicas' caches by the same keys)."""
+    parent = None
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = block_key(parent, tokens[start : start + block_size])
+        yield parent
 
 
 @dataclass
@@ -52,27 +67,20 @@ class BlockManager:
         """New blocks a sequence needs to hold `num_tokens` tokens in all."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
 
-    def _key(self, parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, tuple(tokens)))
-
     def match_prefix(self, seq: SeqBlocks, tokens: list[int]) -> int:
         """Take cached blocks for the longest cached prefix of `tokens`; returns the number of
         tokens whose KV is already there. At least one token is always left to compute, so
         the step that follows produces logits for the last one."""
         if not self.enable_prefix_caching:
             return 0
-        bs = self.block_size
-        parent = None
-        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
-            key = self._key(parent, tokens[start : start + bs])
+        for key in prefix_keys(tokens[:-1], self.block_size):  # the last token is always computed
             block_id = self.cached.get(key)
             if block_id is None:
                 break
             self._take(block_id)
             seq.block_ids.append(block_id)
             seq.keys.append(key)
-            parent = key
-        return len(seq.block_ids) * bs
+        return len(seq.block_ids) * self.block_size
 
     def allocate(self, seq: SeqBlocks, num_tokens: int) -> list[int] | None:
         """Grow `seq` to hold `num_tokens` tokens; the new block ids, or None (nothing
@@ -99,7 +107,7 @@ class BlockManager:
         bs = self.block_size
         for i in range(len(seq.keys), num_computed // bs):
             parent = seq.keys[-1] if seq.keys else None
-            key = self._key(parent, tokens[i * bs : (i + 1) * bs])
+            key = block_key(parent, tokens[i * bs : (i + 1) * bs])
             seq.keys.append(key)
             block = self.blocks[seq.block_ids[i]]
             if key not in self.cached and block.key is None:

@@ -5,7 +5,7 @@ Prometheus that scrapes every node's `metrics_export_port` sees them all. Ray pr
 each name with `ray_`, counters get `_total`, histograms `_bucket` / `_sum` / `_count`.
 The exported names (what dashboards and PromQL use):
 
-Engine, one series set per replica (label `model_name`):
+Engine, one series set per replica (labels `model_name`, `replica`: Serve's replica id):
     ray_tensorfleet_time_to_first_token_seconds     histogram  arrival -> first token
     ray_tensorfleet_inter_token_latency_seconds     histogram  between tokens of one completion
     ray_tensorfleet_e2e_request_latency_seconds     histogram  arrival -> last token
@@ -95,12 +95,12 @@ class _Metric:
 
 
 class EngineMetrics:
-    """What one replica's engine records; every series carries `model_name`."""
+    """What one replica's engine records; every series carries `model_name` and `replica`."""
 
-    def __init__(self, model_name: str):
-        tags = ("model_name",)
+    def __init__(self, model_name: str, replica: str = ""):
+        tags = ("model_name", "replica")
         self.model_name = model_name
-        self._tags = {"model_name": model_name}
+        self._tags = {"model_name": model_name, "replica": replica}
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
 
         def h(name: str, description: str, buckets: list[float]) -> _Metric:

@@ -24,6 +24,10 @@ num_kv_blocks is the minimum over ranks of
   floor((gpu_memory * gpu_memory_utilization - weights - activation_reserve) / block_bytes),
 capped at what max_num_seqs sequences of max_model_len can use. The replica allocates
 exactly this count, so `tensorfleet plan` and `tensorfleet serve` report the same cache.
+
+Replicas: serve.num_replicas (or serve.autoscaling.max_replicas) copies of this layout,
+each stage a node-local group of tp GPUs, must fit the cluster together:
+replicas * pp <= nodes * floor(gpus_per_node / tp) stage slots.
 """
 
 import math
@@ -43,7 +47,7 @@ from actors.sharding import (
     rank_shards,
     stage_layers,
 )
-from cluster.config import EngineConfig, ParallelConfig
+from cluster.config import EngineConfig, ParallelConfig, ServeConfig
 
 GiB = 1 << 30
 LOGITS_BYTES = 4  # logits and sampling are float32 whatever the model dtype
@@ -100,8 +104,9 @@ class Plan:
     block_size: int
     num_kv_blocks: int
     num_kv_blocks_given: bool  # from engine.num_kv_blocks, else sized from memory
-    gpus: int  # tp * pp
-    nodes: int  # nodes the layout needs (a stage's TP group never straddles nodes)
+    gpus: int  # tp * pp, per replica
+    nodes: int  # nodes one replica needs (a stage's TP group never straddles nodes)
+    replicas: int  # the most replicas of this layout that run at once (serve.num_replicas or max_replicas)
     assumptions: tuple[str, ...]  # what the sizing assumed, in words
 
     def rank(self, stage: int, tp_rank: int) -> RankPlan:
@@ -202,10 +207,27 @@ def _check_layout(shape: ModelShape, parallel: ParallelConfig, cluster: ClusterS
         )
 
 
+def _check_replicas(parallel: ParallelConfig, serve: ServeConfig, cluster: ClusterSpec) -> None:
+    tp, pp, replicas = parallel.tensor_parallel_size, parallel.pipeline_parallel_size, serve.max_replicas
+    slots = cluster.nodes * (cluster.gpus_per_node // tp)
+    if replicas * pp > slots:
+        field = "serve.autoscaling.max_replicas" if serve.autoscaling is not None else "serve.num_replicas"
+        fit = slots // pp
+        raise PlanError(
+            f"{field}: {replicas} replicas of tensor_parallel_size={tp} x pipeline_parallel_size={pp} "
+            f"need {replicas * pp} node-local groups of {tp} GPUs ({replicas * tp * pp} GPUs), but the "
+            f"cluster's {cluster.nodes} node(s) of {cluster.gpus_per_node} GPUs hold {slots}; "
+            f"use at most {fit} replica(s) or add nodes"
+        )
+
+
 def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
-              dtype: torch.dtype, cluster: ClusterSpec) -> Plan:
-    """Lay the model out on `cluster`, or raise `PlanError` saying which field to change."""
+              dtype: torch.dtype, cluster: ClusterSpec, serve: ServeConfig | None = None) -> Plan:
+    """Lay one replica of the model out on `cluster` and check that all of serve's replicas
+    fit it (one replica without `serve`), or raise `PlanError` saying which field to change."""
+    serve = serve or ServeConfig()
     _check_layout(shape, parallel, cluster)
+    _check_replicas(parallel, serve, cluster)
     if engine.max_model_len > shape.max_position_embeddings:
         raise PlanError(
             f"engine.max_model_len: {engine.max_model_len} exceeds the model's "
@@ -298,7 +320,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         cluster=cluster, gpu_memory_utilization=engine.gpu_memory_utilization,
         max_model_len=engine.max_model_len, block_size=engine.block_size,
         num_kv_blocks=num_blocks, num_kv_blocks_given=engine.num_kv_blocks is not None,
-        gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)),
+        gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)), replicas=serve.max_replicas,
         assumptions=assumptions,
     )
 
@@ -383,7 +405,8 @@ def format_plan(plan: Plan) -> str:
         f"max_model_len={plan.max_model_len}",
         f"bytes per KV block per GPU: {blocks}",
         *balance(plan),
-        f"total: {plan.gpus} GPUs, {plan.nodes} node(s)",
+        f"total: {plan.gpus} GPUs, {plan.nodes} node(s)" + (
+            f" per replica; {plan.replicas} replicas: {plan.replicas * plan.gpus} GPUs" if plan.replicas > 1 else ""),
         "assumed:",
         *(f"  - {a}" for a in plan.assumptions),
     ]

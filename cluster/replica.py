@@ -69,7 +69,7 @@ def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
     device = resolve_device(cfg.parallel.device)
     dtype = resolve_dtype(cfg.dtype, device)
     par, eng = cfg.parallel, cfg.engine
-    plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device))
+    plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device), cfg.serve)
     spec = WorkerSpec(
         model_path=str(checkpoint.path.resolve()),
         shape=shape,
@@ -133,7 +133,8 @@ def engine_limits(cfg: TensorfleetConfig) -> EngineLimits:
                         eng.enable_prefix_caching, cfg.serve.max_waiting_requests, eng.max_resumes)
 
 
-def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
+def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print, replica: str = "") -> Engine:
+    """`replica` names this replica among the model's (its metrics' `replica` label)."""
     plan, spec = plan_replica(cfg)
     checkpoint = open_checkpoint(spec.model_path)
     tokenizer = load_tokenizer(checkpoint, log)
@@ -141,7 +142,8 @@ def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> 
     spec = replace(spec, vocabulary=SamplerVocabulary.of(tokenizer, eos))  # the sampling rank's EOS and grammar vocabulary
     executor = build_executor(cfg, plan, spec, log)
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {cfg.engine.block_size} tokens")
-    return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
+    return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, replica=replica,
+                  vocab_size=plan.shape.vocab_size,
                   tokenizer=tokenizer,
                   eos_token_ids=eos,
                   rebuild=lambda: build_executor(cfg, plan, spec, log))

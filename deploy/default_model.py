@@ -6,10 +6,12 @@ dependencies (llm, llama-cpp-python) are not needed, so the package is located, 
 imported (its __init__ imports llama_cpp). Nothing is converted or written beside the file.
 `default_config()` is deploy/configs/default.yaml with `model:` set to that file; every
 command that takes an optional config (`tensorfleet serve`, `plan`, `verify`, and Serve's
-`build_app`) falls back to it.
+`build_app`) falls back to it, and serves it for a config that names no `model:`
+(deploy/configs/smollm2-2-replicas.yaml).
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 import yaml
@@ -39,6 +41,7 @@ def default_config() -> TensorfleetConfig:
     return TensorfleetConfig.model_validate({**settings, "model": str(default_model_path())})
 
 
-def config_or_default(path: str | None) -> TensorfleetConfig:
-    """The YAML config at `path`, or the default model's."""
-    return load_config(path) if path is not None else default_config()
+def config_or_default(path: str | os.PathLike | None) -> TensorfleetConfig:
+    """The YAML config at `path` (one without `model:` serves the default model), or the
+    default model's."""
+    return load_config(path, default_model=default_model_path) if path is not None else default_config()

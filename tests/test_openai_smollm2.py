@@ -182,7 +182,8 @@ def test_metrics_parse_as_prometheus_text(client, smollm2_api):
     body = httpx.get(f"{url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(body)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert samples[("ray_tensorfleet_generation_tokens_total", (("model_name", MODEL),))] > 0
+    # an engine outside Ray Serve has no replica name
+    assert samples[("ray_tensorfleet_generation_tokens_total", (("model_name", MODEL), ("replica", "")))] > 0
     forward = [v for (name, _), v in samples.items() if name == "ray_tensorfleet_worker_forward_seconds_total"]
     assert forward and all(v > 0 for v in forward)
     assert any(name == "ray_tensorfleet_time_to_first_token_seconds_count" and v > 0 for (name, _), v in samples.items())

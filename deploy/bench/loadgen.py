@@ -87,6 +87,7 @@ def http_sender(client: "httpx.AsyncClient", url: str, model: str | None, api_ke
                 usage = event.get("usage") or usage
         # Several tokens may share an event (held-back text): count what the server says it sent.
         record.output_tokens = usage["completion_tokens"] if usage else chunks
+        record.cached_tokens = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
     return send
 

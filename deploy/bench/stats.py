@@ -21,6 +21,7 @@ class RequestRecord:
     start: float = 0.0  # when the request was sent (or, for static batching, the run began)
     chunk_times: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
     error: str | None = None
 
     @property
@@ -70,6 +71,8 @@ def summarize(records: list[RequestRecord], duration_s: float) -> dict:
         "errors": sorted({r.error for r in records if r.error})[:5],
         "duration_s": duration_s,
         "prompt_tokens": sum(r.prompt_len for r in done),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in done),
+        "requests_with_cache_hits": sum(r.cached_tokens > 0 for r in done),
         "output_tokens": output_tokens,
         "request_throughput": len(done) / duration_s,
         "output_tok_s": output_tokens / duration_s,

@@ -54,7 +54,8 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
         help="show the layout and memory per GPU of a config, or why it does not fit",
         description=(
             "Lay the model out over the cluster: layers per pipeline stage, heads per TP rank, "
-            "weights / activations / KV cache per GPU. Needs only the model's config. "
+            "weights / activations / KV cache per GPU, and whether serve.num_replicas (or "
+            "serve.autoscaling.max_replicas) replicas fit. Needs only the model's config. "
             "Plans for GPUs: dtype auto means the checkpoint's dtype unless parallel.device "
             "is cpu, where each worker plans with its share of this machine's RAM, as "
             "tensorfleet serve does."
@@ -83,13 +84,14 @@ def run_plan(args: argparse.Namespace) -> int:
     tp = config.parallel.tensor_parallel_size
     pp = config.parallel.pipeline_parallel_size
     gpus_per_node = args.gpus_per_node
-    # Default: just enough nodes, each stage's TP group packed inside one node.
-    nodes = args.nodes or math.ceil(pp / max(1, gpus_per_node // tp))
+    # Default: just enough nodes for every replica, each stage's TP group packed inside one node.
+    nodes = args.nodes or math.ceil(config.serve.max_replicas * pp / max(1, gpus_per_node // tp))
     device = "cpu" if config.parallel.device == "cpu" else "cuda"
     dtype = resolve_dtype(config.dtype, device)
     memory = args.gpu_memory or (device_memory_bytes("cpu", tp * pp) if device == "cpu"
                                  else parse_size(DEFAULT_GPU_MEMORY))
-    plan = make_plan(shape, config.parallel, config.engine, dtype, ClusterSpec(nodes, gpus_per_node, memory))
+    plan = make_plan(shape, config.parallel, config.engine, dtype, ClusterSpec(nodes, gpus_per_node, memory),
+                     config.serve)
     print(format_plan(plan))
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray import serve
 
 from actors.checkpoint import open_checkpoint
-from cluster.config import ConfigError, TensorfleetConfig, load_config
+from cluster.config import ConfigError, TensorfleetConfig
 from cluster.relayout import LAYOUT_SECTIONS, layout_of
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
 from deploy.cli.doctor import check_before_serving
@@ -43,6 +43,13 @@ def curl_line(url: str, model: str, api_key: str | None) -> str:
 def layout_name(config: TensorfleetConfig) -> str:
     par = config.parallel
     return f"tp={par.tensor_parallel_size} x pp={par.pipeline_parallel_size}"
+
+
+def replicas_name(config: TensorfleetConfig) -> str:
+    s = config.serve
+    if s.autoscaling is not None:
+        return f"{s.autoscaling.min_replicas}-{s.autoscaling.max_replicas} replicas (autoscaled)"
+    return f"{s.num_replicas or 1} replica{'s' if (s.num_replicas or 1) > 1 else ''}"
 
 
 class ConfigFollower:
@@ -67,7 +74,7 @@ class ConfigFollower:
 
     def apply(self) -> str:
         try:
-            edited = load_config(self.path)
+            edited = config_or_default(self.path)
         except ConfigError as e:
             return f"{self.path} not applied: {e}"
         later = [name for name in TensorfleetConfig.model_fields
@@ -93,8 +100,8 @@ def serve_forever(config: TensorfleetConfig, stop: threading.Event | None = None
     config file), block until stopped."""
     stop = stop or threading.Event()
     host, port = config.serve.host, config.serve.port
-    print(f"deploying {config.served_model_name} at {layout_name(config)} (loading weights; replica logs "
-          "follow)...", flush=True)
+    print(f"deploying {config.served_model_name}: {replicas_name(config)} at {layout_name(config)} (loading "
+          "weights; replica logs follow)...", flush=True)
     start = time.perf_counter()
     serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     deploy(config)
@@ -129,12 +136,11 @@ def drain(grace_s: float, force: threading.Semaphore) -> None:
     """Refuse new requests and wait (up to `grace_s`, or a second Ctrl-C) for running
     ones to finish. Serve's own shutdown would cut open streams at the proxy."""
     force.acquire(blocking=False)  # the signal that started the drain
-    app = serve.get_app_handle("tensorfleet")
+    app = serve.get_app_handle(APP_NAME)
     app.drain.remote().result()
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        stats = app.stats.remote().result()
-        in_flight = stats.running + stats.waiting
+        in_flight = app.in_flight.remote().result()
         if in_flight == 0:
             time.sleep(DRAIN_FLUSH_S)
             print("\nno requests left running", flush=True)
@@ -168,8 +174,9 @@ def run_serve(args: argparse.Namespace) -> int:
     open_checkpoint(config.model).check_complete()
     if not (args.simulate or args.address):
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        replicas = config.serve.max_replicas
         # the default model: its pipeline stages on separate simulated nodes; else one node
-        args.simulate = f"{pp}x{tp}" if args.config is None else f"1x{tp * pp}"
+        args.simulate = f"{pp * replicas}x{tp}" if args.config is None else f"1x{tp * pp * replicas}"
     with ray_session_of(args):
         if not args.skip_doctor:
             check_before_serving(config)

@@ -1,20 +1,23 @@
-"""The Ray Serve application: one replica owns one engine and its TP x PP workers.
+"""The Ray Serve application: an HTTP ingress in front of the model replicas.
 
-The replica builds the engine (placement groups, worker actors, weights) in its
-constructor and removes them with itself; the HTTP routes come from `deploy.server.api.build_api`,
-built on the replica after construction (Serve's late-bound ingress), so nothing heavy is
-pickled. `build_app` is what `serve run` / `serve deploy` import:
+Two deployments. `EngineReplica` (`deploy/server/engine_replica.py`) owns one engine and its
+TP x PP workers; there are serve.num_replicas of them, or as many as serve.autoscaling asks
+for (Serve's autoscaler, on requests in flight per replica). `OpenAIIngress` serves the HTTP
+routes (`deploy.server.api.build_api`, built after construction: Serve's late-bound ingress,
+so nothing heavy is pickled) over a `RemoteEngine`: it tokenizes, then streams each request
+from the replica the request router picks (serve.routing: `prefix`, this project's
+prefix-aware router, or `power_of_two`, Serve's default). `build_app` is what `serve run` /
+`serve deploy` import:
 
     serve run deploy.server.app:build_app config=my.yaml   # without config=: the default model
 
-Re-layout while serving: the deployment's `user_config` is the layout, `{"parallel": {...},
-"engine": {...}}` over the deployed config (`cluster/relayout.py`). Changing it in a Serve
-config file and running `serve deploy` again (or `deploy(config, layout)` here, which
-`tensorfleet serve` uses when its YAML is edited) makes Serve call `reconfigure` on the
+Re-layout while serving: both deployments take the layout as `user_config`, `{"parallel":
+{...}, "engine": {...}}` over the deployed config (`cluster/relayout.py`). Changing it in a
+Serve config file and running `serve deploy` again (or `deploy(config, layout)` here, which
+`tensorfleet serve` uses when its YAML is edited) makes Serve call `reconfigure` on every
 running replica: requests pause, the workers are rebuilt in the new layout, requests resume.
 """
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -23,33 +26,37 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
+from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, TensorfleetConfig, format_validation_error
-from cluster.engine_client import EngineDeadError, EngineStats
-from cluster.relayout import Layout, LayoutRefused, LayoutStatus, layout_of, plan_layout, relayout, with_layout
-from cluster.replica import build_engine
+from cluster.engine_client import EngineStats
+from cluster.relayout import Layout, LayoutStatus, layout_of, with_layout
+from cluster.replica import load_tokenizer
 from deploy.default_model import config_or_default
 from deploy.server.api import build_api
+from deploy.server.engine_replica import EngineReplica
+from deploy.server.remote_engine import RemoteEngine
+from deploy.server.router import PrefixAwareRouter
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "tensorfleet"
+INGRESS, ENGINE = "OpenAIIngress", "EngineReplica"
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0},  # the replica only schedules; its workers hold the devices
-    max_ongoing_requests=1024,  # continuous batching wants every request in the engine
-    health_check_period_s=5,
-    health_check_timeout_s=15,
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
 @serve.ingress()
-class TensorfleetServer:
-    def __init__(self, config: dict[str, Any]):
+class OpenAIIngress:
+    def __init__(self, config: dict[str, Any], engine: DeploymentHandle):
         self.deployed = self.config = TensorfleetConfig.model_validate(config)
-        self.engine = build_engine(self.config, log=logger.info)
-        self.layout = LayoutStatus(layout_of(self.config))
-        self._relayout_lock = asyncio.Lock()
+        checkpoint = open_checkpoint(self.config.model)
+        self.engine = RemoteEngine(engine, model_name=self.config.served_model_name,
+                                   max_model_len=self.config.engine.max_model_len,
+                                   vocab_size=checkpoint.shape.vocab_size,
+                                   tokenizer=load_tokenizer(checkpoint, logger.info))
 
     def __serve_build_asgi_app__(self):
         serve_cfg = self.config.serve
@@ -60,77 +67,72 @@ class TensorfleetServer:
             max_body_bytes=serve_cfg.max_body_bytes,
         )
 
-    async def check_health(self) -> None:
-        """Serve's replica health check. A dead or stuck worker is the engine's to heal
-        (it rebuilds its workers and resumes the requests in flight, while `/health`
-        answers 503); only when that keeps failing is the replica unhealthy, and Serve
-        replaces it."""
-        stats = await self.engine.stats()
-        if stats.gave_up and not stats.draining:
-            raise RuntimeError("the engine could not rebuild its workers")
-        if stats.healthy:
-            try:
-                await self.engine.check_health()
-            except EngineDeadError:
-                pass  # the engine is now rebuilding; /health says so
-
     async def reconfigure(self, user_config: Layout) -> None:
-        """Serve's user_config: the layout to run. A layout the replica cannot take is
-        logged and reported by `layout_status`, never raised: Serve would stop this replica
-        (and every request on it) over a failed reconfigure."""
-        async with self._relayout_lock:
-            try:
-                cfg = with_layout(self.deployed, user_config)
-                if cfg != self.config:
-                    paused = await relayout(self.engine, cfg, logger.info)
-                    logger.info("re-laid out; requests were paused for %.1f s", paused)
-                    self.config = cfg
-                self.layout = LayoutStatus(layout_of(self.config))
-            except LayoutRefused as e:
-                self._refuse(user_config, str(e))
-            except Exception as e:  # noqa: BLE001 - see the docstring; the engine rebuilt the old layout
-                self._refuse(user_config, f"the new workers did not start ({e}); the previous layout was rebuilt")
-
-    def _refuse(self, layout: Layout, reason: str) -> None:
-        logger.error("layout change refused, still serving the previous layout: %s", reason)
-        self.layout = LayoutStatus(layout_of(self.config), dict(layout), reason)
+        """The layout the replicas run: only its max_model_len matters here (the prompt
+        length check); a layout the replicas refuse keeps the previous one."""
+        try:
+            self.engine.max_model_len = with_layout(self.deployed, user_config).engine.max_model_len
+        except ValueError:
+            pass  # the replicas refuse it too, and say why
 
     async def check_layout(self, layout: Layout) -> str | None:
-        """Why `layout` would be refused now, or None; changes nothing."""
-        try:
-            plan_layout(self.engine, with_layout(self.deployed, layout))
-        except LayoutRefused as e:
-            return str(e)
-        return None
+        """Why a replica would refuse `layout` now, or None; changes nothing."""
+        return await self.engine.handle.check_layout.remote(layout)
 
     async def layout_status(self) -> LayoutStatus:
-        return self.layout
+        """What a replica runs (each call may ask another)."""
+        return await self.engine.handle.layout_status.remote()
 
     async def drain(self) -> None:
         """Graceful shutdown, step one: refuse new requests (503, and /health 503 so load
         balancers look elsewhere) while running ones finish."""
         self.engine.drain()
 
+    async def in_flight(self) -> int:
+        """Requests this ingress has open on the replicas."""
+        return self.engine.in_flight
+
+    async def failovers(self) -> int:
+        """Requests this ingress moved to a sibling replica after theirs died or gave up."""
+        return self.engine.failovers
+
     async def stats(self) -> EngineStats:
-        """Scheduler and KV-cache occupancy, worker rebuilds and worker process ids, for
-        operators (through a Serve handle) and tests."""
+        """One replica's scheduler and KV-cache occupancy, worker rebuilds and worker
+        process ids, for operators (through a Serve handle) and tests."""
         return await self.engine.stats()
 
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+
+def _replica_options(config: TensorfleetConfig) -> dict[str, Any]:
+    """Serve's replica count (fixed or autoscaled) and request router for the engine."""
+    s = config.serve
+    if s.autoscaling is not None:
+        a = s.autoscaling
+        count: dict[str, Any] = {"autoscaling_config": {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}}
+    else:
+        count = {"num_replicas": s.num_replicas or 1}
+    if s.routing == "prefix":
+        router = RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs={
+            "block_size": config.engine.block_size, "max_load_imbalance": s.max_load_imbalance})
+    else:
+        router = RequestRouterConfig()
+    return {**count, "request_router_config": router}
 
 
 def deployment_for(config: TensorfleetConfig) -> Application:
-    return TensorfleetServer.options(
-        name=APP_NAME,
-        user_config=layout_of(config),
+    layout = layout_of(config)
+    engine = EngineReplica.options(
+        name=ENGINE,
+        user_config=layout,
         # draining: Serve routes nothing new to a stopping replica and waits this long for
         # its running requests before it is torn down (and its workers with it)
         graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
         graceful_shutdown_wait_loop_s=0.5,
+        **_replica_options(config),
     ).bind(config.model_dump())
+    return OpenAIIngress.options(name=INGRESS, user_config=layout).bind(config.model_dump(), engine)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -154,7 +156,7 @@ def deploy(config: TensorfleetConfig, layout: Layout | None = None, *, poll_s: f
     wanted = layout_of(with_layout(config, layout)) if layout is not None else None
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:build_app",
            "args": {"config": config.model_dump()},
-           "deployments": [{"name": APP_NAME, "user_config": layout or layout_of(config)}]}
+           "deployments": [{"name": name, "user_config": layout or layout_of(config)} for name in (INGRESS, ENGINE)]}
     client = _get_global_client()
     client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
     while (status := serve.status().applications.get(APP_NAME)) is None or status.status != ApplicationStatus.RUNNING:
