@@ -17,7 +17,7 @@ import psutil
 import ray
 
 from actors.rank_metrics import RankMetrics
-from actors.step_io import StepInput, StepOutput
+from actors.step_io import StageHandoff, StepInput, StepOutput
 from actors.worker import Worker, WorkerSpec
 
 METRICS_EXPORT_INTERVAL_S = 1.0
@@ -50,8 +50,8 @@ class RayWorker(Worker):
         self.metrics.record(self.rank_stats())
         return allocated
 
-    def step(self, step: StepInput) -> StepOutput | None:
-        out = super().step(step)
+    def step(self, step: StepInput, prev: StageHandoff | None = None) -> StageHandoff | StepOutput | None:
+        out = super().step(step, prev)
         if (now := time.monotonic()) - self._last_export >= METRICS_EXPORT_INTERVAL_S:
             self._last_export = now
             self.metrics.record(self.rank_stats())

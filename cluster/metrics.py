@@ -27,6 +27,13 @@ Engine, one series set per replica (label `model_name`):
     ray_tensorfleet_requests_running                gauge
     ray_tensorfleet_requests_waiting                gauge
     ray_tensorfleet_kv_cache_usage_ratio            gauge      used / all KV blocks
+    ray_tensorfleet_stage_busy_seconds_total        counter    label stage: time the stage worked on steps
+    ray_tensorfleet_stage_bubble_seconds_total      counter    label stage: time it idled while the engine
+                                                               had work (cluster/in_flight.py)
+
+so the busy share of each pipeline stage is
+    rate(ray_tensorfleet_stage_busy_seconds_total[1m])
+      / (rate(ray_tensorfleet_stage_busy_seconds_total[1m]) + rate(ray_tensorfleet_stage_bubble_seconds_total[1m]))
 
 Per rank (labels `model_name`, `stage`, `tp_rank`; recorded by `actors.rank_metrics`):
     ray_tensorfleet_worker_forward_seconds_total    counter    model compute incl. all-reduces,
@@ -106,6 +113,10 @@ class EngineMetrics:
         self.running = Gauge(PREFIX + "requests_running", description="Sequences in the running batch", tag_keys=tags)
         self.waiting = Gauge(PREFIX + "requests_waiting", description="Sequences waiting to be scheduled", tag_keys=tags)
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage_ratio", description="Used share of the KV blocks", tag_keys=tags)
+        self.stage_busy_seconds = Counter(PREFIX + "stage_busy_seconds", tag_keys=tags + ("stage",),
+                                          description="Time a pipeline stage worked on steps")
+        self.stage_bubble_seconds = Counter(PREFIX + "stage_bubble_seconds", tag_keys=tags + ("stage",),
+                                            description="Time a pipeline stage idled while the engine had work")
 
         # scheduler and prefix-cache totals already exported, to export only what is new
         self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
@@ -147,6 +158,12 @@ class EngineMetrics:
     def resume_waited(self, wait: float) -> None:
         """An interrupted request produced its next token `wait` seconds after the interruption."""
         self._observe(self.resume_wait, wait)
+
+    def stage_busy(self, stage: int, seconds: float) -> None:
+        self._inc(self.stage_busy_seconds, seconds, stage=str(stage))
+
+    def stage_bubble(self, stage: int, seconds: float) -> None:
+        self._inc(self.stage_bubble_seconds, seconds, stage=str(stage))
 
     def scheduler_state(self, running: int, waiting: int, kv_usage: float,
                         preemptions: int, cache_queries: int, cache_hits: int) -> None:

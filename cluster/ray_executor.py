@@ -5,14 +5,19 @@ stage), rendezvous at rank 0, build the process groups, load the shards and allo
 KV cache the plan sized. Every wait has a deadline, so a dead or stuck worker becomes an
 error, not a hang.
 
-A step is one `StepInput` sent to every worker (put once in the object store); stage s
-hands its hidden states to stage s+1 over torch.distributed, and TP rank 0 of the last
-stage, `workers[-1][0]`, returns the sampled tokens. Two ways to send it:
-- plain (the default): one Ray actor call per worker per step;
-- compiled: a Ray Compiled Graph over the same actors, built once, which skips per-call
-  task submission (see `EngineConfig.executor` for why it is not the default).
+A step goes down the pipeline as the mesh says: TP rank i of stage s + 1 is called with
+what TP rank i of stage s returned for the same step (a `StageHandoff`), so it starts once
+that call is done; the hidden states themselves travel over the PP edge (torch.distributed:
+NCCL, or gloo on CPU), sent before the handoff returns. TP rank 0 of the last stage,
+`workers[-1][0]`, returns the sampled tokens. Up to pp steps are in flight: stage s works
+on one while stage s + 1 works on the one before. Two ways to send a step:
+- plain (the default): one Ray actor call per worker per step, each stage's calls taking
+  the previous stage's results as arguments;
+- compiled: a Ray Compiled Graph bound stage by stage the same way, built once, which
+  skips per-call task submission (see `EngineConfig.executor` for why it is not the default).
 """
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -80,23 +85,38 @@ class RayExecutor:
         """What TP rank 0 of the last stage, `workers[-1][0]`, returned, from mesh order."""
         return results[(self.spec.pp - 1) * self.spec.tp]
 
+    @property
+    def num_stages(self) -> int:
+        return self.spec.pp
+
     def _compile(self):
         with InputNode() as step:
-            dag = MultiOutputNode([w.step.bind(step) for w in self._flat])
-        return dag.experimental_compile()
+            handoffs = [None] * self.spec.tp
+            for stage in self.workers:
+                handoffs = [worker.step.bind(step, prev) for worker, prev in zip(stage, handoffs)]
+            dag = MultiOutputNode(handoffs)
+        return dag.experimental_compile(_max_inflight_executions=self.spec.pp)
 
-    def execute(self, step: StepInput) -> StepOutput:
+    def submit(self, step: StepInput) -> asyncio.Future[StepOutput]:
+        """Send the step down the pipeline; the future waits on the last stage's calls (an
+        error upstream reaches them through their arguments)."""
+        if self.compiled is not None:
+            last_stage = self.compiled.execute(step)
+            return asyncio.ensure_future(self._output(step.step_id, asyncio.to_thread(ray.get, last_stage)))
+        handoffs = [None] * self.spec.tp
+        for stage in self.workers:
+            handoffs = [worker.step.remote(step, prev) for worker, prev in zip(stage, handoffs)]
+        return asyncio.ensure_future(self._output(step.step_id, asyncio.gather(*handoffs)))
+
+    async def _output(self, step_id: int, last_stage) -> StepOutput:
+        """What TP rank 0 of the last stage returns, once every rank of that stage is done."""
         try:
-            if self.compiled is not None:
-                results = ray.get(self.compiled.execute(step), timeout=self.step_deadline_s)
-            else:
-                ref = ray.put(step)
-                results = ray.get([w.step.remote(ref) for w in self._flat], timeout=self.step_deadline_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError):
-            raise EngineDeadError(f"step {step.step_id} missed its {self.step_deadline_s}s deadline: a worker is stuck") from None
+            outputs = await asyncio.wait_for(last_stage, self.step_deadline_s)
+        except (TimeoutError, ray.exceptions.RayChannelTimeoutError):
+            raise EngineDeadError(f"step {step_id} missed its {self.step_deadline_s}s deadline: a worker is stuck") from None
         except ray.exceptions.RayError as e:
-            raise EngineDeadError(f"a worker failed during step {step.step_id}: {e}") from None
-        return self._last_rank0(results)
+            raise EngineDeadError(f"a worker failed during step {step_id}: {e}") from None
+        return outputs[0]
 
     def check_health(self) -> None:
         try:

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-import cluster.engine
+import cluster.worker_replacement
 from actors.sampling_params import SamplingParams
 from actors.step_io import StepInput, StepOutput
 from cluster.engine import Engine, EngineLimits
@@ -134,7 +134,7 @@ async def test_a_request_interrupted_more_than_max_resumes_times_fails(tiny):
 
 async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_what_it_holds(tiny, monkeypatch):
     path, _ = tiny
-    monkeypatch.setattr(cluster.engine, "REBUILD_BACKOFF_S", (0.0, 0.0))
+    monkeypatch.setattr(cluster.worker_replacement, "REBUILD_BACKOFF_S", (0.0, 0.0))
 
     def broken_rebuild():
         raise RuntimeError("no GPUs left")
