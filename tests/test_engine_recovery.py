@@ -31,15 +31,23 @@ def tiny(tmp_path_factory):
 
 
 class BreakingExecutor(InProcessExecutor):
-    """A real in-process executor whose worker 'dies' at step `fail_at`."""
+    """A real in-process executor whose worker 'dies' at step `fail_at`; with `num_stages`
+    2 the engine keeps two steps in flight, as for two pipeline stages."""
 
-    def __init__(self, path, fail_at: int | None, num_blocks: int = 64):
+    def __init__(self, path, fail_at: int | None, num_blocks: int = 64, num_stages: int = 1):
         super().__init__(worker_spec(path, block_size=BLOCK), num_blocks)
+        self.num_stages = num_stages
         self.fail_at, self.steps, self.shut_down = fail_at, 0, False
+        self.submitted = self.in_flight_at_failure = 0
+
+    def submit(self, step: StepInput):
+        self.submitted += 1
+        return super().submit(step)
 
     def execute(self, step: StepInput) -> StepOutput:
         self.steps += 1
         if self.steps == self.fail_at:
+            self.in_flight_at_failure = self.submitted - self.steps + 1
             raise EngineDeadError("worker 0 died (simulated)")
         return super().execute(step)
 
@@ -91,6 +99,19 @@ async def test_failed_step_resumes_every_request_with_exact_tokens(tiny):
     assert results[3] == want_seeded
     assert engine.dead is None and engine.restarts == 1 and first.shut_down and len(built) == 1
     assert engine.executor is built[0] and engine.blocks.num_free == engine.blocks.num_blocks
+    engine.shutdown()
+
+
+async def test_a_failure_with_two_steps_in_flight_loses_nothing(tiny):
+    path, hf = tiny
+    prompts = random_prompts(1000, [5, 9, 13, 30, 17, 8], seed=6)
+    first = BreakingExecutor(path, fail_at=7, num_stages=2)
+    engine, built = engine_with(path, first)
+    results = await asyncio.gather(*(collect(engine, f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)))
+    assert results == [hf_greedy(hf, p, 16) for p in prompts]
+    assert first.in_flight_at_failure == 2
+    assert engine.restarts == 1 and len(built) == 1 and not engine.in_flight
+    assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.shutdown()
 
 
