@@ -42,7 +42,9 @@ def architecture(gguf: GGUFFile) -> str:
     arch = gguf.metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise gguf.error(f"has general.architecture={arch!r}; tensorfleet serves GGUF files of "
-                         f"architecture {' or '.join(ARCHITECTURES)}")
+                         f"architecture {' or '.join(ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2, SmolLM and "
+                         "their fine-tunes): serve one of those, or this model's Hugging Face checkpoint if "
+                         "its architecture is supported")
     return arch
 
 
@@ -121,6 +123,16 @@ def hf_name(gguf_name: str) -> str | None:
     if m and m[2] in LAYER_NAMES:
         return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{m[3]}"
     return None
+
+
+def gguf_name(hf: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (the inverse of hf_name)."""
+    base, _, kind = hf.rpartition(".")
+    for gguf_base, hf_base in GLOBAL_NAMES.items():
+        if base == hf_base:
+            return f"{gguf_base}.{kind}"
+    _, _, layer, module = base.split(".", 3)
+    return f"blk.{layer}.{next(g for g, h in LAYER_NAMES.items() if h == module)}.{kind}"
 
 
 class RopeRowsRestored:

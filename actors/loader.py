@@ -1,30 +1,31 @@
-"""Load one rank's shard of a Hugging Face safetensors checkpoint.
+"""Fill one rank's parameters from a checkpoint's tensors, reading only the rank's slices.
 
-Tensors are opened lazily (`safe_open(...).get_slice`): a parameter's `weight_loader`
-slices out the rows or columns its rank owns and only those bytes are read. Tensors of
-other stages are never opened. `ReadStats` counts what was read, so tests can show that a
-rank never materialises a matrix it does not own.
+A checkpoint (actors/checkpoint.py: safetensors or GGUF) yields (Hugging Face name, lazy
+tensor) pairs; a lazy tensor reads its bytes only when sliced. A parameter's
+`weight_loader` slices out the rows or columns its rank owns, so only those bytes are
+read; tensors of other stages are never touched. `ReadStats` counts what was read, so
+tests can show that a rank never materialises a matrix it does not own.
 """
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from actors.layers import WeightShapeError
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match its config; the message names the tensor."""
+    """A checkpoint that cannot be served as it is (unreadable, incomplete, or not matching
+    its config); the message names the file or the tensor and what to do."""
 
 
 @dataclass
 class ReadStats:
+    """Bytes copied out of the checkpoint's files, as stored (still quantized in a GGUF)."""
+
     bytes_read: int = 0
     largest_read: int = 0  # bytes of the largest single slice read
 
@@ -32,41 +33,6 @@ class ReadStats:
         n = t.numel() * t.element_size()
         self.bytes_read += n
         self.largest_read = max(self.largest_read, n)
-
-
-class LazyTensor:
-    """A checkpoint tensor that is read only when sliced."""
-
-    def __init__(self, safe_slice: Any, stats: ReadStats):
-        self._slice = safe_slice
-        self._stats = stats
-        self.shape = tuple(safe_slice.get_shape())
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        t = self._slice[index]
-        self._stats.record(t)
-        return t
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise CheckpointError(
-        f"no model.safetensors or model.safetensors.index.json in {model_dir}; "
-        "tensorfleet loads Hugging Face safetensors checkpoints"
-    )
-
-
-def iter_checkpoint(model_dir: Path, stats: ReadStats) -> Iterator[tuple[str, LazyTensor]]:
-    for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, LazyTensor(f.get_slice(name), stats)
 
 
 def load_into(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
@@ -77,42 +43,44 @@ def load_into(model: nn.Module, tensors: Iterator[tuple[str, Any]]) -> None:
     every parameter's own weight_loader does the slicing.
     """
     params = dict(model.named_parameters())
-    fused = model.fused_projections
-    needed = _needed_tensors(params, fused)
+    needed = _needed_tensors(model)
     for name, source in tensors:
-        target = model.checkpoint_target(name)
+        target = _parameter_for(model, name)
         if target is None:
             continue
-        *prefix, proj, kind = target.split(".")
-        pname, shard_id = target, None
-        if proj in fused:
-            fused_name, shard_id = fused[proj]
-            pname = ".".join([*prefix, fused_name, kind])
+        pname, shard_id = target
         if pname not in params:
-            raise CheckpointError(f"checkpoint tensor {name!r} has no place in this model (is config.json right?)")
+            raise CheckpointError(f"checkpoint tensor {name!r} has no place in this model (is its config right?)")
         param = params[pname]
         try:
             param.weight_loader(param, source, shard_id)
         except WeightShapeError as e:
-            raise CheckpointError(f"checkpoint tensor {name!r}: {e}; check config.json against the weights") from None
-        needed.pop((pname, shard_id), None)
+            raise CheckpointError(f"checkpoint tensor {name!r}: {e}; check the config against the weights") from None
+        needed.pop(target, None)
     if needed:
         missing = sorted(needed.values())
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s) this rank needs: {', '.join(missing[:8])}")
 
 
-def _needed_tensors(params: dict[str, nn.Parameter], fused: dict[str, tuple[str, Any]]) -> dict[tuple[str, Any], str]:
+def _parameter_for(model: nn.Module, name: str) -> tuple[str, Any] | None:
+    """(parameter name, shard id) that checkpoint tensor `name` fills on this rank, or None."""
+    target = model.checkpoint_target(name)
+    if target is None:
+        return None
+    *prefix, proj, kind = target.split(".")
+    if proj in model.fused_projections:
+        fused_name, shard_id = model.fused_projections[proj]
+        return ".".join([*prefix, fused_name, kind]), shard_id
+    return target, None
+
+
+def _needed_tensors(model: nn.Module) -> dict[tuple[str, Any], str]:
     """(parameter, shard id) -> the checkpoint name that fills it, for every parameter."""
+    fused = model.fused_projections
     needed = {}
-    for pname in params:
+    for pname, _ in model.named_parameters():
         *prefix, module, kind = pname.split(".")
         parts = [(proj, s) for proj, (f, s) in fused.items() if f == module]
         for proj, shard_id in parts or [(module, None)]:
             needed[(pname, shard_id)] = ".".join([*prefix, proj, kind])
     return needed
-
-
-def load_checkpoint(model: nn.Module, model_dir: str | Path) -> ReadStats:
-    stats = ReadStats()
-    load_into(model, iter_checkpoint(Path(model_dir), stats))
-    return stats

@@ -61,7 +61,7 @@ class ModelShape:
         except FileNotFoundError:
             raise ModelShapeError(
                 f"model: {config} does not exist; the model folder needs the Hugging Face "
-                "config.json (weights are only needed to serve, not to plan)"
+                "config.json (weights are only needed to serve, not to plan), or name a .gguf file"
             ) from None
         except json.JSONDecodeError as e:
             raise ModelShapeError(f"model: {config} is not valid JSON: {e}") from None

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.attention import PagedAttention, build_attention_metadata
+from actors.checkpoint import load_checkpoint
 from actors.comm import ParallelContext, init_parallel
-from actors.loader import load_checkpoint
 from actors.model_shape import ModelShape
 from actors.models.llama import LlamaStage
 from actors.sampler import Sampler
@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class WorkerSpec:
     """What every worker of a replica needs to know (the same for all of them)."""
 
-    model_dir: str  # where the weights are
+    model_path: str  # the checkpoint: a Hugging Face folder or a .gguf file
     shape: ModelShape
     tp: int
     pp: int
@@ -95,14 +95,16 @@ class Worker:
             timeout_s=self.spec.collective_timeout_s,
         )
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, float]:
         """Build this rank's part of the model and read its slices of the checkpoint."""
+        start = time.perf_counter()
         with torch.device(self.device):
             self.model = LlamaStage(
                 self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
             ).eval()
-        stats = load_checkpoint(self.model, self.spec.model_dir)
-        return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read}
+        stats = load_checkpoint(self.model, self.spec.model_path)
+        return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read,
+                "seconds": time.perf_counter() - start}
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

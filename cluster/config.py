@@ -1,8 +1,8 @@
-"""The YAML a user writes (pydantic, vLLM's names) and the model shape read from config.json.
+"""The YAML a user writes (pydantic, vLLM's names).
 
 ```yaml
-model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files
-served_model_name: my-model      # optional, default: the directory name
+model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files, or a .gguf file
+served_model_name: my-model      # optional, default: the directory's (or file's) name
 dtype: auto                      # auto | float32 | bfloat16 | float16
 parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null, device: auto}
 engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, block_size: 16,
@@ -102,7 +102,7 @@ class ServeConfig(_Section):
 
 class TensorfleetConfig(_Section):
     model: str = Field(min_length=1)
-    served_model_name: str = ""  # "" (or omitted): the model directory's name
+    served_model_name: str = ""  # "" (or omitted): the model directory's name, or the GGUF file's
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig = EngineConfig()
@@ -114,7 +114,8 @@ class TensorfleetConfig(_Section):
         if isinstance(data, dict) and not data.get("served_model_name"):
             model = data.get("model")
             if isinstance(model, str) and model:
-                data = {**data, "served_model_name": Path(os.path.abspath(model)).name}
+                name = Path(os.path.abspath(model)).name.removesuffix(".gguf")
+                data = {**data, "served_model_name": name}
         return data
 
 

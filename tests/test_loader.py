@@ -6,16 +6,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actors.attention import build_attention_metadata
+from actors.checkpoint import load_checkpoint
 from actors.comm import ParallelContext, PipelineEdges, TPGroup
-from actors.loader import CheckpointError, load_checkpoint
+from actors.loader import CheckpointError
 from actors.model_shape import UnsupportedModelError
-from actors.models.llama import LlamaStage
+from actors.models.llama import LlamaStage, checkpoint_names
 from actors.sharding import ShardingError
 from tests.tiny_models import (
+    build_hf_model,
     hf_prompt_logits,
     llama_config,
     max_rel_error,
     mistral_config,
+    qwen2_config,
     random_prompts,
     save_tiny,
     tiny_shape,
@@ -81,6 +84,7 @@ def test_wrong_shape_names_tensor_and_shapes(tmp_path):
 
 
 def test_no_weights_in_directory(tmp_path):
+    llama_config().save_pretrained(tmp_path)  # config.json only: enough to plan, not to serve
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(LlamaStage(tiny_shape(llama_config()), ParallelContext.single(), range(5), torch.float32), tmp_path)
 
@@ -116,3 +120,12 @@ def test_llama_with_attention_and_mlp_bias(tmp_path):
     hf = save_tiny(cfg, tmp_path)
     prompts = random_prompts(cfg.vocab_size, [11])
     assert max_rel_error(single_rank_logits(cfg, tmp_path, prompts), hf_prompt_logits(hf, prompts)) < 1e-4
+
+
+@pytest.mark.parametrize("cfg", [llama_config(attention_bias=True, mlp_bias=True), qwen2_config(), mistral_config()],
+                         ids=["llama-biases", "qwen2-tied", "mistral"])
+def test_checkpoint_names_are_what_hugging_face_saves(cfg):
+    """What a checkpoint must hold (checked before any worker starts) is exactly what
+    transformers saves for the same config, a tied head aside."""
+    saved = set(build_hf_model(cfg).state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    assert checkpoint_names(tiny_shape(cfg)) == saved

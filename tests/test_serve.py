@@ -31,8 +31,9 @@ def reference(chat_model_dir):
 
 def hf_greedy_text(reference, prompt_ids: list[int], n: int) -> str:
     model, tok = reference
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():  # an explicit mask: a chat prompt holds the pad token (<|im_end|>), not padding
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
 
@@ -75,7 +76,7 @@ def test_models_health_tokenize(server, reference):
     assert [m.id for m in client(server).models.list().data] == [MODEL]
     assert httpx.get(f"{server}/health").status_code == 200
     tokens = httpx.post(f"{server}/tokenize", json={"prompt": "print('hi')"}).json()["tokens"]
-    assert tokens == reference[1].encode("print('hi')")  # with the BOS, like vLLM's add_special_tokens
+    assert tokens == reference[1].encode("print('hi')")  # special tokens added as the tokenizer does, like vLLM
     assert httpx.post(f"{server}/detokenize", json={"tokens": tokens}).json()["prompt"].endswith("print('hi')")
 
 

@@ -16,6 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from actors.checkpoint import open_checkpoint
 from actors.model_shape import ModelShape
 from actors.worker import WorkerSpec
 
@@ -66,8 +67,10 @@ def save_tiny(config, directory: Path, seed: int = 0):
 
 def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | None = None, *,
                 max_model_len: int = 256, block_size: int = 8, dtype: str = "float32") -> WorkerSpec:
-    """What a CPU worker of a tiny checkpoint at `path` needs, as a replica would say it."""
-    return WorkerSpec(str(path), ModelShape.from_dir(path), tp, pp, partition, dtype, "cpu",
+    """What a CPU worker of the checkpoint at `path` (a folder or a .gguf file) needs, as a
+    replica would say it."""
+    checkpoint = open_checkpoint(path)
+    return WorkerSpec(str(checkpoint.path), checkpoint.shape, tp, pp, partition, dtype, "cpu",
                       max_model_len=max_model_len, block_size=block_size)
 
 

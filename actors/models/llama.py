@@ -39,6 +39,27 @@ FUSED_PROJECTIONS = {
 }
 
 
+def checkpoint_names(shape: ModelShape) -> set[str]:
+    """Every checkpoint tensor the whole model loads (Hugging Face names): what a checkpoint
+    must hold, known before any model is built. tests/test_loader.py checks it against the
+    names a built model asks its checkpoint for."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not shape.tie_word_embeddings:
+        names.add("lm_head.weight")
+    for i in range(shape.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        names |= {f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"}
+        names |= {f"{attn}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        names |= {f"{mlp}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+        if shape.attention_bias:
+            names |= {f"{attn}.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")}
+        if shape.o_proj_bias:
+            names.add(f"{attn}.o_proj.bias")
+        if shape.mlp_bias:
+            names |= {f"{mlp}.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")}
+    return names
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
         super().__init__()

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from actors.model_shape import ModelShape
+from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, load_config
 from cluster.replica import build_engine
 from deploy.bench.loadgen import bench_engine, bench_online
@@ -80,7 +80,7 @@ def _spec(args: argparse.Namespace, vocab_size: int) -> WorkloadSpec:
 
 def _bench_offline(args: argparse.Namespace, options: dict) -> tuple[WorkloadSpec, dict]:
     config = load_config(args.offline)
-    spec = _spec(args, args.vocab_size or ModelShape.from_dir(config.model).vocab_size)
+    spec = _spec(args, args.vocab_size or open_checkpoint(config.model).shape.vocab_size)
     par = config.parallel
     if par.tensor_parallel_size * par.pipeline_parallel_size > 1 and not (args.simulate or args.address):
         args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"

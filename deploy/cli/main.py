@@ -2,13 +2,13 @@
 `add_<name>(subparsers)` that registers its arguments and one `run_<name>(args) -> exit
 code`; `main` only dispatches.
 
-    tensorfleet plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu-memory 80GiB]
-    tensorfleet verify CONFIG [--simulate NxG | --address ADDR]
+    tensorfleet plan [CONFIG] [--nodes N] [--gpus-per-node G] [--gpu-memory 80GiB]
+    tensorfleet verify [CONFIG] [--simulate NxG | --address ADDR]
     tensorfleet serve [CONFIG] [--simulate NxG | --address ADDR]
     tensorfleet bench (--url URL | --offline CONFIG) [workload, rate, concurrency] [--out FILE]
     tensorfleet dashboards push --grafana-url URL [--token T | --user U --password P] [--prometheus-url URL]
 
-Exit codes: 0 success, 2 a config or layout the user must change (message on stderr).
+Exit codes: 0 success, 2 a config, layout or checkpoint the user must change (message on stderr).
 """
 
 import argparse

