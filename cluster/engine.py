@@ -23,7 +23,7 @@ from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
-from cluster.in_flight import InFlight
+from cluster.in_flight import InFlight, StageTimes
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics
 from cluster.output import OutputProcessor, RequestState
@@ -257,6 +257,10 @@ class Engine(WorkerReplacement):
             kv_blocks=self.blocks.num_blocks, kv_blocks_free=self.blocks.num_free, restarts=self.restarts,
             healthy=self.dead is None, gave_up=self.gave_up, draining=self.draining, worker_pids=pids,
         )
+
+    def stage_times(self) -> StageTimes:
+        """Each pipeline stage's busy time and the engine's active time so far (a copy)."""
+        return self.in_flight.times.copy()
 
     async def rank_stats(self) -> list[RankStats]:
         return await asyncio.to_thread(self.executor.rank_stats)

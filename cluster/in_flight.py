@@ -43,6 +43,9 @@ class StageTimes:
     def bubble_s(self) -> list[float]:
         return [max(0.0, self.active_s - busy) for busy in self.busy_s]
 
+    def copy(self) -> "StageTimes":
+        return StageTimes(self.active_s, list(self.busy_s))
+
 
 class InFlight:
     """Up to `depth` steps on the workers, oldest first, and the stage times they add up to."""

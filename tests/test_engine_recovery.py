@@ -38,16 +38,19 @@ class BreakingExecutor(InProcessExecutor):
         super().__init__(worker_spec(path, block_size=BLOCK), num_blocks)
         self.num_stages = num_stages
         self.fail_at, self.steps, self.shut_down = fail_at, 0, False
-        self.submitted = self.in_flight_at_failure = 0
+        self.submitted, self.next_submitted = 0, threading.Event()
 
     def submit(self, step: StepInput):
         self.submitted += 1
+        if self.fail_at is not None and self.submitted > self.fail_at:
+            self.next_submitted.set()
         return super().submit(step)
 
     def execute(self, step: StepInput) -> StepOutput:
         self.steps += 1
         if self.steps == self.fail_at:
-            self.in_flight_at_failure = self.submitted - self.steps + 1
+            if self.num_stages > 1:  # fail once the engine has sent the step after this one
+                assert self.next_submitted.wait(30), "the engine kept a single step in flight"
             raise EngineDeadError("worker 0 died (simulated)")
         return super().execute(step)
 
@@ -109,7 +112,7 @@ async def test_a_failure_with_two_steps_in_flight_loses_nothing(tiny):
     engine, built = engine_with(path, first)
     results = await asyncio.gather(*(collect(engine, f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)))
     assert results == [hf_greedy(hf, p, 16) for p in prompts]
-    assert first.in_flight_at_failure == 2
+    assert first.next_submitted.is_set()  # it failed with two steps in flight
     assert engine.restarts == 1 and len(built) == 1 and not engine.in_flight
     assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.shutdown()
