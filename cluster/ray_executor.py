@@ -10,11 +10,14 @@ what TP rank i of stage s returned for the same step (a `StageHandoff`), so it s
 that call is done; the hidden states themselves travel over the PP edge (torch.distributed:
 NCCL, or gloo on CPU), sent before the handoff returns. TP rank 0 of the last stage,
 `workers[-1][0]`, returns the sampled tokens. Up to pp steps are in flight: stage s works
-on one while stage s + 1 works on the one before. Two ways to send a step:
-- plain (the default): one Ray actor call per worker per step, each stage's calls taking
-  the previous stage's results as arguments;
-- compiled: a Ray Compiled Graph bound stage by stage the same way, built once, which
-  skips per-call task submission (see `EngineConfig.executor` for why it is not the default).
+on one while stage s + 1 works on the one before. The driver awaits the last stage's
+results on its event loop, with the step deadline.
+
+Plain actor calls, the step sent with each call, awaited on the event loop: of the ways
+measured (README.md, "Pipeline parallelism"), the fastest that shows the flow. A Ray
+Compiled Graph bound stage by stage had a shorter round trip but served no more tokens
+(its channel readers poll, taking CPU the stages need), and in Ray 2.60 a worker dying
+mid-step can crash its node's raylet (ray-project/ray#63229).
 """
 
 import asyncio
@@ -22,7 +25,6 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.dag import InputNode, MultiOutputNode
 
 from actors.ray_worker import RayWorker, actor_class
 from actors.step_io import RankStats, StepInput, StepOutput
@@ -42,14 +44,13 @@ def uses_gpus(spec: WorkerSpec) -> bool:
 
 
 class RayExecutor:
-    def __init__(self, spec: WorkerSpec, num_kv_blocks: int, *, compiled: bool, step_deadline_s: float,
+    def __init__(self, spec: WorkerSpec, num_kv_blocks: int, *, step_deadline_s: float,
                  log: Callable[[str], None] = print, placement_timeout_s: float = 60.0,
                  worker_cls: type[RayWorker] = RayWorker, health_check_timeout_s: float = HEALTH_CHECK_TIMEOUT_S):
         self.spec = spec
         self.step_deadline_s = step_deadline_s
         self.health_check_timeout_s = health_check_timeout_s
         self.num_kv_blocks = num_kv_blocks
-        self.compiled = None
         self.group = place_workers(
             actor_class(worker_cls), spec.tp, spec.pp, use_gpu=uses_gpus(spec),
             timeout_s=placement_timeout_s, make_args=lambda stage, tp_rank: (spec, stage, tp_rank),
@@ -65,8 +66,6 @@ class RayExecutor:
                 + ", ".join(f"{r['weight_bytes'] / 2**20:.1f} / {r['bytes_read'] / 2**20:.1f} MiB / {r['seconds']:.1f}s"
                             for r in reports))
             self._all(lambda w: w.allocate_kv.remote(num_kv_blocks), "allocating the KV cache")
-            if compiled:
-                self.compiled = self._compile()
         except BaseException:
             self.shutdown()
             raise
@@ -91,30 +90,20 @@ class RayExecutor:
     def num_stages(self) -> int:
         return self.spec.pp
 
-    def _compile(self):
-        with InputNode() as step:
-            handoffs = [None] * self.spec.tp
-            for stage in self.workers:
-                handoffs = [worker.step.bind(step, prev) for worker, prev in zip(stage, handoffs)]
-            dag = MultiOutputNode(handoffs)
-        return dag.experimental_compile(_max_inflight_executions=self.spec.pp)
-
     def submit(self, step: StepInput) -> asyncio.Future[StepOutput]:
-        """Send the step down the pipeline; the future waits on the last stage's calls (an
-        error upstream reaches them through their arguments)."""
-        if self.compiled is not None:
-            last_stage = self.compiled.execute(step)
-            return asyncio.ensure_future(self._output(step.step_id, asyncio.to_thread(ray.get, last_stage)))
+        """Send the step down the pipeline, stage by stage: TP rank i of each stage takes
+        what TP rank i of the stage before returns. The future waits on the last stage's
+        calls; an error upstream reaches them through their arguments."""
         handoffs = [None] * self.spec.tp
         for stage in self.workers:
             handoffs = [worker.step.remote(step, prev) for worker, prev in zip(stage, handoffs)]
-        return asyncio.ensure_future(self._output(step.step_id, asyncio.gather(*handoffs)))
+        return asyncio.ensure_future(self._output(step.step_id, handoffs))
 
-    async def _output(self, step_id: int, last_stage) -> StepOutput:
+    async def _output(self, step_id: int, last_stage: list[ray.ObjectRef]) -> StepOutput:
         """What TP rank 0 of the last stage returns, once every rank of that stage is done."""
         try:
-            outputs = await asyncio.wait_for(last_stage, self.step_deadline_s)
-        except (TimeoutError, ray.exceptions.RayChannelTimeoutError):
+            outputs = await asyncio.wait_for(asyncio.gather(*last_stage), self.step_deadline_s)
+        except TimeoutError:
             raise EngineDeadError(f"step {step_id} missed its {self.step_deadline_s}s deadline: a worker is stuck") from None
         except ray.exceptions.RayError as e:
             raise EngineDeadError(f"a worker failed during step {step_id}: {e}") from None
@@ -136,10 +125,5 @@ class RayExecutor:
         return self._last_rank0(self._all(lambda w: w.prompt_logits.remote(prompts), "scoring prompts"))
 
     def shutdown(self) -> None:
-        """Kill the workers, release their placement groups, then tear the compiled graph
-        down. Killing first: teardown waits for every actor's loop, and a stuck
-        (e.g. SIGSTOPped) worker would never answer it."""
+        """Kill the workers and release their placement groups."""
         self.group.shutdown()
-        if self.compiled is not None:
-            self.compiled.teardown()
-            self.compiled = None

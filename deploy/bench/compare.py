@@ -64,11 +64,12 @@ SYSTEMS = {  # key: (label, tp, pp)
 HF_SYSTEMS = ("hf", "hf-tp2")
 
 
-def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int,
-                  max_num_batched_tokens: int) -> TensorfleetConfig:
+def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int, max_num_batched_tokens: int,
+                  layer_partition: list[int] | None = None) -> TensorfleetConfig:
     return TensorfleetConfig.model_validate({
         "model": str(path), "dtype": "float32",
-        "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": device},
+        "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": device,
+                     "layer_partition": layer_partition if pp > 1 else None},
         "engine": {"max_model_len": max_model_len, "max_num_seqs": 64,
                    "max_num_batched_tokens": max_num_batched_tokens, "block_size": 16, "num_kv_blocks": 4096},
     })
@@ -84,7 +85,8 @@ async def control_overhead_ms(engine, steps: int = 200) -> float:
     return statistics.median(times[20:]) * 1e3
 
 
-def run_tensorfleet(path: Path, work: Workload, tp: int, pp: int, device: str, max_num_batched_tokens: int) -> dict:
+def run_tensorfleet(path: Path, work: Workload, tp: int, pp: int, device: str, max_num_batched_tokens: int,
+                    layer_partition: list[int] | None) -> dict:
     """tp=pp=1 in this process without Ray; otherwise on a fresh simulated cluster of pp
     nodes x tp logical GPUs, shut down afterwards."""
     from cluster.replica import build_engine
@@ -95,7 +97,7 @@ def run_tensorfleet(path: Path, work: Workload, tp: int, pp: int, device: str, m
 
         cluster = start_local_cluster(pp, tp)
     try:
-        config = engine_config(path, tp, pp, device, work.max_total_len, max_num_batched_tokens)
+        config = engine_config(path, tp, pp, device, work.max_total_len, max_num_batched_tokens, layer_partition)
         engine = build_engine(config, log=lambda m: None)
 
         async def bench() -> dict:
@@ -165,7 +167,7 @@ def check_hf_tp(results: dict) -> list[str]:
 
 
 def run_system(key: str, path: Path, work: Workload, *, batch_sizes: list[int], device: str, workdir: Path,
-               max_num_batched_tokens: int) -> dict:
+               max_num_batched_tokens: int, layer_partition: list[int] | None) -> dict:
     label, tp, pp = SYSTEMS[key]
     start = time.perf_counter()
     if key == "hf":
@@ -173,7 +175,7 @@ def run_system(key: str, path: Path, work: Workload, *, batch_sizes: list[int], 
     elif key == "hf-tp2":
         result = run_hf_tp(path, work, batch_sizes, workdir, tp)
     else:
-        result = run_tensorfleet(path, work, tp, pp, device, max_num_batched_tokens)
+        result = run_tensorfleet(path, work, tp, pp, device, max_num_batched_tokens, layer_partition)
     return result | {"label": label, "wall_s": time.perf_counter() - start}
 
 
@@ -186,11 +188,12 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def run_all(work: Workload, systems: list[str], *, batch_sizes: list[int], device: str, layers: int,
-            model: Path | None = None, max_num_batched_tokens: int = 2048, repeats: int = 1,
-            log: Callable[[str], None] = print) -> dict:
+            model: Path | None = None, max_num_batched_tokens: int = 2048, layer_partition: list[int] | None = None,
+            repeats: int = 1, log: Callable[[str], None] = print) -> dict:
     """Every system `repeats` times, in interleaved rounds (so a slow spell of the machine
     hits all systems alike); each system's median run is reported. `model`: a checkpoint
-    to run instead of the benchmark Llama of `layers` layers."""
+    to run instead of the benchmark Llama of `layers` layers; `layer_partition`: layers per
+    stage of the pipelines."""
     runs: dict[str, list[dict]] = {key: [] for key in systems}
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -206,13 +209,14 @@ def run_all(work: Workload, systems: list[str], *, batch_sizes: list[int], devic
             for key in systems:
                 log(f"{SYSTEMS[key][0]} (round {round_}/{repeats}, load average {os.getloadavg()[0]:.1f}) ...")
                 r = run_system(key, path, work, batch_sizes=batch_sizes, device=device, workdir=Path(tmp),
-                               max_num_batched_tokens=max_num_batched_tokens)
+                               max_num_batched_tokens=max_num_batched_tokens, layer_partition=layer_partition)
                 runs[key].append(r | {"load_average": os.getloadavg()[0]})
                 log(f"  {r['output_tok_s']:.1f} output tok/s, {r['completed']}/{r['requests']} requests, "
                     f"{r['wall_s']:.0f} s with setup")
     results = {key: median_run(rs) for key, rs in runs.items()}
     return {"machine": machine(), "model": {"name": name, "params": params, "layers": layers, "dtype": "float32"},
-            "workload": work.spec.to_json(), "max_num_batched_tokens": max_num_batched_tokens, "device": device,
+            "workload": work.spec.to_json(), "max_num_batched_tokens": max_num_batched_tokens,
+            "layer_partition": layer_partition, "device": device,
             "repeats": repeats, "systems": results, "ratios": ratios(results), "problems": check_hf_tp(results)}
 
 
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a checkpoint to run instead of the benchmark Llama: a Hugging Face folder, "
                                    "a .gguf file, or `default` (SmolLM2-135M-Instruct's GGUF)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine.max_num_batched_tokens")
+    p.add_argument("--layer-partition", type=lambda t: [int(n) for n in t.split(",")], metavar="N,N",
+                   help="parallel.layer_partition of the two-stage pipelines (default: even)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of every system, interleaved; each system's median run is reported")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report = run_all(work, systems, batch_sizes=[int(b) for b in args.hf_batch_sizes.split(",")],
                      device=args.device, layers=args.layers, model=model,
-                     max_num_batched_tokens=args.max_num_batched_tokens, repeats=args.repeats)
+                     max_num_batched_tokens=args.max_num_batched_tokens, layer_partition=args.layer_partition,
+                     repeats=args.repeats)
     report["wall_s"] = time.perf_counter() - start
     systems, m = report["systems"], report["machine"]
     where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}" + (f", {m['gpu']}" if "gpu" in m else "")
