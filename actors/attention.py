@@ -16,7 +16,8 @@ Decode is bound by reading the cache, so it gathers as little as it can:
 - whole rows [kv_heads, d] are gathered with `index_select` (advanced indexing with a
   2-D index is several times slower on CPU);
 - GQA without repeating K and V: the G = heads / kv_heads query heads of one KV head act
-  as G queries against that head's keys, q [b, kv, G, d] x K [b, kv, L, d].
+  as G queries against that head's keys, q [b, kv, G, d] x K [b, kv, L, d] (unequal
+  groups on a rank of an uneven head split: padded to the largest, see PagedAttention).
 Prefills run one per sequence (causal SDPA, or a causal mask over the cached context).
 """
 
@@ -108,14 +109,37 @@ def _decode_group(members: list[tuple[int, int, int]], block_tables: list[list[i
 
 
 class PagedAttention(torch.nn.Module):
-    """softmax(Q K^T / sqrt(d)) V for this rank's query heads against its KV heads (GQA:
-    each KV head serves num_heads / num_kv_heads consecutive query heads)."""
+    """softmax(Q K^T / sqrt(d)) V for this rank's query heads against its KV heads.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    GQA: `groups[k]` consecutive query heads read KV head k (default: num_heads / num_kv_heads
+    each). An uneven split of the heads can leave a rank unequal groups: its query heads are
+    a contiguous range, so only its first and last KV heads may serve fewer than the others,
+    e.g. query heads 0-4 over KV heads 0-1 as (3, 2), or 5-8 over 1-2 as (1, 3). Then
+    - decode lays the query heads into a [KV, max(groups)] grid of slots, zeros before the
+      first head and after the last (one F.pad), so each KV head's keys are still read
+      once: the empty slots cost a little compute on a step bound by reading the cache;
+    - prefill repeats each KV head for the query heads that read it (an index_select over
+      heads), so compute-bound prefill spends nothing on padding: cheaper than padded
+      slots, which cost at least what the even path over the padded head count does
+      (deploy/bench/imbalance.py measures both).
+    Equal groups take the plain GQA path, untouched.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, groups: tuple[int, ...] | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        groups = groups or (num_heads // num_kv_heads,) * num_kv_heads
+        slots = max(groups)  # query slots per KV head in decode
+        if len(groups) != num_kv_heads or sum(groups) != num_heads or any(g != slots for g in groups[1:-1]):
+            raise ValueError(f"groups {groups} are not {num_heads} consecutive query heads over {num_kv_heads} KV heads")
+        self.group_slots = slots
+        self.uneven = len(set(groups)) > 1
+        before = slots - groups[0]
+        self.decode_pad = (0, 0, before, num_kv_heads * slots - before - num_heads)  # F.pad of [b, H, d] on H
+        kv_of_head = [k for k, g in enumerate(groups) for _ in range(g)]
+        self.register_buffer("kv_of_head", torch.tensor(kv_of_head), persistent=False)
         self.kv_cache: torch.Tensor | None = None  # set by the worker when it allocates KV
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -129,23 +153,29 @@ class PagedAttention(torch.nn.Module):
         for p in meta.prefills:  # 4-D [1, H, q, d]: SDPA takes its fused CPU kernel only for 4-D inputs
             qs = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
             if p.slots is None:  # the whole context is this step's tokens
-                ks = k[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
-                vs = v[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                ks, vs = k[p.token_start : p.token_end], v[p.token_start : p.token_end]
+                mask = None
             else:
-                ks = cache[0].index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
-                vs = cache[1].index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
-                n_q, n_ctx = qs.shape[2], ks.shape[2]
+                ks, vs = cache[0].index_select(0, p.slots), cache[1].index_select(0, p.slots)
+                n_q, n_ctx = qs.shape[2], ks.shape[0]
                 # query j sits at position n_ctx - n_q + j and sees keys up to there
                 mask = torch.ones(n_q, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_q)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            if self.uneven:  # one KV head per query head: [ctx, KV, d] -> [ctx, H, d]
+                ks, vs = ks.index_select(1, self.kv_of_head), vs.index_select(1, self.kv_of_head)
+            ks, vs = ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             out[p.token_start : p.token_end] = o[0].transpose(0, 1)
-        kv, d = self.num_kv_heads, self.head_dim
+        kv, d, slots = self.num_kv_heads, self.head_dim, self.group_slots
         for g in meta.decodes:
             b = g.rows.numel()
-            qg = q.index_select(0, g.rows).view(b, kv, self.num_heads // kv, d)  # [b, KV, G, d]
+            qg = q.index_select(0, g.rows)  # [b, H, d]
+            if self.uneven:  # [b, KV * slots, d]: zeros in the empty slots
+                qg = F.pad(qg, self.decode_pad)
+            qg = qg.view(b, kv, slots, d)  # [b, KV, G, d]
             kg = cache[0].index_select(0, g.slots).view(b, g.width, kv, d).transpose(1, 2)  # [b, KV, L, d]
             vg = cache[1].index_select(0, g.slots).view(b, g.width, kv, d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
-            out.index_copy_(0, g.rows, o.reshape(b, self.num_heads, d))
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask).reshape(b, kv * slots, d)
+            if self.uneven:
+                o = o[:, self.decode_pad[2] : self.decode_pad[2] + self.num_heads]
+            out.index_copy_(0, g.rows, o)
         return out.flatten(1)

@@ -56,6 +56,10 @@ class Checkpoint:
     def incomplete(self, missing: list[str]) -> CheckpointError:
         raise NotImplementedError
 
+    def rank_files(self) -> list[Path]:
+        """Every file a rank opens to load its part (what each node must be able to read)."""
+        raise NotImplementedError
+
     def check_complete(self) -> None:
         """Refuse a checkpoint that lacks a tensor the whole model needs (no tensor is read)."""
         if missing := sorted(checkpoint_names(self.shape) - set(self.tensor_names())):
@@ -66,6 +70,9 @@ class HFCheckpoint(Checkpoint):
     def __init__(self, path: Path, stats: ReadStats):
         self.path, self.stats = path, stats
         self.shape = ModelShape.from_dir(path)
+
+    def rank_files(self) -> list[Path]:
+        return [self.path / "config.json", *self.files()]
 
     def files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -140,6 +147,9 @@ class GGUFCheckpoint(Checkpoint):
         self.config = llama_hf_config(self.file)  # the config.json of the same model
         self.shape = ModelShape.from_dict(self.config, source=str(path))
         self.check_complete()
+
+    def rank_files(self) -> list[Path]:
+        return [self.path]
 
     def tensors(self) -> Iterator[tuple[str, Any]]:
         return hf_tensors(self.file)

@@ -1,21 +1,25 @@
 """Megatron-style tensor-parallel layers for inference.
 
 Notation: X is [tokens, in], A is the [in, out] weight (stored as nn.Linear does, [out, in]),
-p = tensor_parallel_size, i = this rank. Each parameter owns a
+p = tensor_parallel_size, i = this rank. A rank's share of a split dimension is a `Span`
+from actors/sharding.py: even by default, uneven or weighted where the model passes one
+(9 heads over 2 ranks: 5 + 4). Each parameter owns a
 `weight_loader(param, source, shard_id=None)` that copies this rank's slice out of a
-checkpoint tensor; `source` is a full tensor or a lazy safetensors slice (anything with
-`.shape` and slicing), so a rank reads only the rows or columns it owns.
+checkpoint tensor; `source` is a full tensor or a lazy slice of a safetensors or GGUF
+tensor (anything with `.shape` and `t[a:b]` / `t[:, a:b]` slicing), so a rank reads only
+the rows or columns it owns.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from itertools import accumulate
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from actors.comm import TPGroup, gather_from_tp_region, reduce_from_tp_region
-from actors.sharding import HeadShard, divide, padded_vocab_size
+from actors.sharding import HeadShard, Span, even_span, padded_vocab_size
 
 
 class WeightShapeError(ValueError):
@@ -38,115 +42,117 @@ def load_rows(param: torch.Tensor, source: Any, start: int, stop: int, dst_start
     param.data[dst_start : dst_start + stop - start].copy_(source[start:stop])
 
 
-class ColumnParallelLinear(nn.Module):
-    """Y = XA + b with A split by columns, A = [A_1 ... A_p], b = [b_1 ... b_p].
+class ParallelColumns(nn.Module):
+    """Y = X [A^0_i | A^1_i | ...] + b_i: this rank's columns of one or more fused outputs.
 
-    Rank i holds A_i (out/p columns) and b_i and returns Y_i = X A_i + b_i; no
-    communication. The output stays sharded for a row-parallel layer to consume.
+    Logical output j (q, k, v; gate, up) has output_sizes[j] columns in the checkpoint, of
+    which this rank holds `spans[j]`; its weight stacks those slices in order, so one matmul
+    gives them all. No communication: the output stays sharded for a row-parallel layer.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, in_features: int, output_sizes: Sequence[int], spans: Sequence[Span], *,
+                 bias: bool, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
         self.tp = tp
         self.in_features = in_features
-        self.out_features = out_features
-        self.out_per_rank = divide(out_features, tp.size, "output features across tensor-parallel ranks")
-        self.weight = make_param((self.out_per_rank, in_features), dtype, self.weight_loader)
-        self.bias = make_param((self.out_per_rank,), dtype, self.weight_loader) if bias else None
+        self.output_sizes = list(output_sizes)
+        self.spans = list(spans)
+        self.offsets = list(accumulate((s.size for s in self.spans), initial=0))  # where each lands
+        self.weight = make_param((self.offsets[-1], in_features), dtype, self.weight_loader)
+        self.bias = make_param((self.offsets[-1],), dtype, self.weight_loader) if bias else None
+
+    def load_output(self, param: nn.Parameter, source: Any, index: int) -> None:
+        check_shape(source, (self.output_sizes[index], *param.shape[1:]))
+        span = self.spans[index]
+        load_rows(param, source, span.start, span.stop, self.offsets[index])
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
-        check_shape(source, (self.out_features, *param.shape[1:]))
-        start = self.tp.rank * self.out_per_rank
-        load_rows(param, source, start, start + self.out_per_rank)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-class MergedColumnParallelLinear(ColumnParallelLinear):
+class ColumnParallelLinear(ParallelColumns):
+    """Y = XA + b with A split by columns, A = [A_1 ... A_p], b = [b_1 ... b_p].
+
+    Rank i holds A_i, the columns `span` of A (out/p of them by default), and b_i, and
+    returns Y_i = X A_i + b_i; no communication.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype,
+                 span: Span | None = None):
+        span = span if span is not None else even_span(out_features, tp.size, tp.rank)
+        super().__init__(in_features, [out_features], [span], bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        self.load_output(param, source, 0)
+
+
+class MergedColumnParallelLinear(ParallelColumns):
     """Several column-parallel outputs fused into one matmul: [A^0 | A^1 | ...].
 
     Each logical output (e.g. gate_proj and up_proj, shard_id 0 and 1) is split by columns
-    on its own, so rank i holds [A^0_i | A^1_i] and one matmul gives both halves.
+    on its own, so rank i holds [A^0_i | A^1_i] and one matmul gives both halves. `span` is
+    the rank's share of every output (the MLP's intermediate columns); even by default.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, tp: TPGroup, dtype: torch.dtype):
-        self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias=bias, tp=tp, dtype=dtype)
+    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, tp: TPGroup, dtype: torch.dtype,
+                 span: Span | None = None):
+        spans = [span if span is not None else even_span(n, tp.size, tp.rank) for n in output_sizes]
+        super().__init__(in_features, output_sizes, spans, bias=bias, tp=tp, dtype=dtype)
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: int | None = None) -> None:
         if shard_id is None:
             raise WeightShapeError("a merged projection loads one logical output at a time")
-        size = self.output_sizes[shard_id]
-        check_shape(source, (size, *param.shape[1:]))
-        per_rank = divide(size, self.tp.size, "merged output features across tensor-parallel ranks")
-        dst = sum(self.output_sizes[:shard_id]) // self.tp.size
-        start = self.tp.rank * per_rank
-        load_rows(param, source, start, start + per_rank, dst)
+        self.load_output(param, source, shard_id)
 
 
-class QKVParallelLinear(ColumnParallelLinear):
+class QKVParallelLinear(ParallelColumns):
     """The fused Q, K, V projection, column-parallel over attention heads (GQA aware).
 
-    Rank i computes Q for its query heads and K, V for the KV heads those queries read:
-    its own share of the KV heads when p <= kv_heads, or one KV head replicated on p/kv_heads
-    ranks when p > kv_heads (see actors.sharding.head_shard). Output columns on a rank are
-    [q heads | k heads | v heads], each head `head_dim` wide.
+    Rank i computes Q for its query heads and K, V for the KV heads those queries read
+    (actors.sharding.head_shards): head h is rows [h*d, (h+1)*d) of its projection, so the
+    rank's heads [a, b) are rows [a*d, b*d). A KV head read by query heads of several ranks
+    is computed on each of them. Output columns on a rank are [q heads | k heads | v heads].
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        head_dim: int,
-        total_heads: int,
-        total_kv_heads: int,
-        shard: HeadShard,
-        *,
-        bias: bool,
-        tp: TPGroup,
-        dtype: torch.dtype,
-    ):
-        self.head_dim = head_dim
-        self.shard = shard
-        self.total_sizes = {"q": total_heads * head_dim, "k": total_kv_heads * head_dim, "v": total_kv_heads * head_dim}
-        q, kv = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
-        # (start row in the checkpoint tensor, rows, destination row on this rank)
-        self.slices = {
-            "q": (shard.head_start * head_dim, q, 0),
-            "k": (shard.kv_head_start * head_dim, kv, q),
-            "v": (shard.kv_head_start * head_dim, kv, q + kv),
-        }
-        # With replicated KV heads the columns over all ranks exceed the checkpoint's.
-        super().__init__(hidden_size, (q + 2 * kv) * tp.size, bias=bias, tp=tp, dtype=dtype)
+    SHARD_IDS: ClassVar[dict[str, int]] = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, hidden_size: int, head_dim: int, total_heads: int, total_kv_heads: int, shard: HeadShard, *,
+                 bias: bool, tp: TPGroup, dtype: torch.dtype):
+        q, kv = shard.heads.scaled(head_dim), shard.kv_heads.scaled(head_dim)
+        sizes = [total_heads * head_dim, total_kv_heads * head_dim, total_kv_heads * head_dim]
+        super().__init__(hidden_size, sizes, [q, kv, kv], bias=bias, tp=tp, dtype=dtype)
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: str | None = None) -> None:
-        if shard_id not in self.slices:
+        if shard_id not in self.SHARD_IDS:
             raise WeightShapeError("the fused QKV projection loads q, k and v one at a time")
-        check_shape(source, (self.total_sizes[shard_id], *param.shape[1:]))
-        start, rows, dst = self.slices[shard_id]
-        load_rows(param, source, start, start + rows, dst)
+        self.load_output(param, source, self.SHARD_IDS[shard_id])
 
 
 class RowParallelLinear(nn.Module):
     """Y = XA + b with A split by rows, A = [A_1; ...; A_p], X = [X_1 ... X_p] by columns.
 
-    Rank i holds A_i and receives X_i (the sharded output of a column-parallel layer),
-    computes X_i A_i, and the all-reduce sums them: Y = sum_i X_i A_i. The bias is added
-    once, after the reduce. This is one of the two all-reduces of a decoder layer.
+    Rank i holds A_i, the rows `span` of A (in/p of them by default; for o_proj the rows its
+    query heads produce, for down_proj its intermediate columns), receives X_i (the sharded
+    output of a column-parallel layer), computes X_i A_i, and the all-reduce sums them:
+    Y = sum_i X_i A_i. The bias is added once, after the reduce. This is one of the two
+    all-reduces of a decoder layer.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPGroup, dtype: torch.dtype,
+                 span: Span | None = None):
         super().__init__()
         self.tp = tp
         self.in_features = in_features
-        self.in_per_rank = divide(in_features, tp.size, "input features across tensor-parallel ranks")
-        self.weight = make_param((out_features, self.in_per_rank), dtype, self.weight_loader)
+        self.span = span if span is not None else even_span(in_features, tp.size, tp.rank)
+        self.weight = make_param((out_features, self.span.size), dtype, self.weight_loader)
         self.bias = make_param((out_features,), dtype, self.load_full) if bias else None
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
         check_shape(source, (param.shape[0], self.in_features))
-        start = self.tp.rank * self.in_per_rank
-        param.data.copy_(source[:, start : start + self.in_per_rank])
+        param.data.copy_(source[:, self.span.start : self.span.stop])
 
     @staticmethod
     def load_full(param: nn.Parameter, source: Any, shard_id: Any = None) -> None:

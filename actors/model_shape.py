@@ -87,6 +87,12 @@ class ModelShape:
                 f"model: {source}: num_attention_heads={heads} does not divide hidden_size={hidden} "
                 "and no head_dim is given"
             )
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise ModelShapeError(
+                f"model: {source}: num_key_value_heads={kv_heads} does not divide "
+                f"num_attention_heads={heads}; grouped-query attention needs whole groups"
+            )
         is_qwen2 = arch == "Qwen2ForCausalLM"
         attention_bias = bool(cfg.get("attention_bias", False))
         max_positions = int(cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch])
@@ -97,7 +103,7 @@ class ModelShape:
             intermediate_size=inter,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            num_key_value_heads=kv_heads,
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=max_positions,

@@ -10,12 +10,11 @@ the order they were sent. Only the step deadline judges a slow step.
 """
 
 import os
-import socket
 import time
 
-import psutil
 import ray
 
+from actors.net_interface import bind_collectives_to_node_interface
 from actors.rank_metrics import RankMetrics
 from actors.step_io import StageHandoff, StepInput, StepOutput
 from actors.worker import Worker, WorkerSpec
@@ -24,23 +23,12 @@ METRICS_EXPORT_INTERVAL_S = 1.0
 LIVENESS_GROUP = "liveness"
 
 
-def interface_of(ip: str) -> str | None:
-    """The network interface holding `ip`, so gloo and NCCL talk over the node's address
-    (they otherwise resolve the hostname, which may name another interface)."""
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
-            return name
-    return None
-
-
 class RayWorker(Worker):
     """A Worker whose collectives use its Ray node's interface and whose per-rank totals
     are exported as metrics (at most once a second)."""
 
     def __init__(self, spec: WorkerSpec, stage: int, tp_rank: int):
-        if (iface := interface_of(ray.util.get_node_ip_address())) is not None:
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
+        bind_collectives_to_node_interface(ray.util.get_node_ip_address())
         super().__init__(spec, stage, tp_rank)
         self.metrics = RankMetrics(spec.model_name, stage, tp_rank)
         self._last_export = 0.0

@@ -41,6 +41,7 @@ class WorkerSpec:
     collective_timeout_s: float = 60.0
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     model_name: str = ""  # the served name, a label on the rank's metrics
+    tensor_split: tuple[float, ...] | None = None  # TP ranks' weights for heads and MLP columns; None: even
 
 
 @dataclass
@@ -100,7 +101,8 @@ class Worker:
         start = time.perf_counter()
         with torch.device(self.device):
             self.model = LlamaStage(
-                self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len
+                self.spec.shape, self.ctx, stage_layers(self.partition, self.stage), self.dtype, self.spec.max_model_len,
+                self.spec.tensor_split,
             ).eval()
         stats = load_checkpoint(self.model, self.spec.model_path)
         return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read,

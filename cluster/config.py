@@ -4,7 +4,8 @@
 model: ./path/to/hf-dir          # config.json + safetensors + tokenizer files, or a .gguf file
 served_model_name: my-model      # optional, default: the directory's (or file's) name
 dtype: auto                      # auto | float32 | bfloat16 | float16
-parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null, device: auto}
+parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: null,
+           tensor_split: null, device: auto}
 engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, block_size: 16,
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
          step_deadline_s: 30, max_resumes: 3}
@@ -30,10 +31,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from actors.model_shape import ModelShape
+from actors.sharding import ShardingError, check_tensor_split
 
 __all__ = [
     "ConfigError",
@@ -63,7 +67,22 @@ class ParallelConfig(_Section):
     # Layers per pipeline stage; null splits them as evenly as possible. Checked against
     # the model by cluster/plan.py, the one layout validator.
     layer_partition: list[Annotated[int, Field(gt=0)]] | None = None
+    # One positive weight per TP rank, its share of the heads and MLP columns (like
+    # llama.cpp's --tensor-split), e.g. [24, 16] for a 24 GB GPU beside a 16 GB one;
+    # null splits them as evenly as possible.
+    tensor_split: list[float] | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _one_weight_per_rank(cls, weights: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        tp = info.data.get("tensor_parallel_size")
+        if tp is not None:  # else tensor_parallel_size itself is invalid, and reported
+            try:
+                check_tensor_split(tp, weights)
+            except ShardingError as e:
+                raise ValueError(str(e)) from None
+        return weights
 
 
 class EngineConfig(_Section):

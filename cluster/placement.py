@@ -77,7 +77,7 @@ def place_workers(
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1; got tp={tp}, pp={pp}")
     deadline = time.monotonic() + timeout_s
-    bundle = _bundle(use_gpu)
+    bundle = rank_bundle(use_gpu)
     pgs = [placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pp)]
     workers: list[list[ActorHandle]] = []
     try:
@@ -113,17 +113,27 @@ def place_workers(
     return WorkerGroup(workers, node_ids, pgs)
 
 
+def rank_bundle(use_gpu: bool) -> dict[str, float]:
+    """What one worker's placement bundle reserves (a CPU alone on a CPU-only cluster)."""
+    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+
+
+def stages_that_fit(resources: dict[str, float], tp: int, bundle: dict[str, float]) -> int:
+    """How many TP groups of `tp` bundles one node's `resources` hold."""
+    return min(int(resources.get(k, 0) // (v * tp)) for k, v in bundle.items())
+
+
 def check_room(tp: int, pp: int, *, use_gpu: bool, released: WorkerGroup | None = None) -> None:
     """Raise `PlacementError` unless `pp` stages of `tp` bundles, each stage on one node,
     fit in what the alive nodes have free now plus what `released` (the workers a re-layout
     replaces) still holds."""
-    bundle = _bundle(use_gpu)
+    bundle = rank_bundle(use_gpu)
     free = {node: dict(res) for node, res in ray._private.state.available_resources_per_node().items()}
     held = released.node_ids if released is not None and released.alive else []
     for node in [n for stage in held for n in stage]:
         for resource, amount in bundle.items():
             free.setdefault(node, {})[resource] = free.get(node, {}).get(resource, 0) + amount
-    stages = sum(min(int(res.get(r, 0) // (amount * tp)) for r, amount in bundle.items()) for res in free.values())
+    stages = sum(stages_that_fit(res, tp, bundle) for res in free.values())
     if stages < pp:
         unit = "GPU" if use_gpu else "CPU"
         per_node = ", ".join(f"node {node[:8]}: {res.get(unit, 0):g}" for node, res in sorted(free.items()))
@@ -161,11 +171,6 @@ def _free_tcp_address(_actor: object) -> tuple[str, int]:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((ip, 0))
         return ip, s.getsockname()[1]
-
-
-def _bundle(use_gpu: bool) -> dict[str, float]:
-    """What one worker's placement bundle reserves (a CPU alone on a CPU-only cluster)."""
-    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
 
 
 def _release(workers: list[ActorHandle], pgs: list[PlacementGroup]) -> None:

@@ -4,13 +4,14 @@
 a `PlanError` whose message names the YAML field to change. Rank (stage, tp_rank) sits at
 `mesh[stage][tp_rank]` of `arange(pp * tp).reshape(pp, tp)`.
 
-Weights per rank, in parameters (times the dtype's bytes), from actors/sharding.py's split:
+Weights per rank, in parameters (times the dtype's bytes), from actors/sharding.py's split
+(even, uneven such as 5 + 4 of 9 heads, or weighted by parallel.tensor_split):
   per layer on the rank's stage (h = query heads on the rank, k = KV heads on the rank,
-  d = head_dim, H = hidden_size, I = intermediate_size, tp = tensor_parallel_size):
+  d = head_dim, H = hidden_size, i = the rank's intermediate columns, tp = tensor_parallel_size):
     qkv_proj      (h + 2k) * d * H        (+ (h + 2k) * d with q/k/v bias, e.g. Qwen2)
     o_proj        h * d * H               (+ H, replicated, with an o_proj bias)
-    gate_up_proj  2 * (I / tp) * H
-    down_proj     (I / tp) * H
+    gate_up_proj  2 * i * H
+    down_proj     i * H
     2 RMSNorms    2 * H                   (replicated on every rank)
   first stage:  embedding  padded_vocab(V, tp) / tp * H
   last stage:   final norm H + LM head padded_vocab(V, tp) / tp * H; with tied embeddings
@@ -18,7 +19,8 @@ Weights per rank, in parameters (times the dtype's bytes), from actors/sharding.
                 stage holds its own copy.
 Layers per stage: `parallel.layer_partition`, or balanced by `lm_head_layers`: the last
 stage also runs the LM head, so it gets fewer layers (SmolLM2-135M at pp=2: [17, 13]).
-KV cache per block per rank: 2 (K, V) * layers_on_stage * k * d * block_size * dtype bytes.
+KV cache per block per rank: 2 (K, V) * layers_on_stage * k * d * block_size * dtype bytes
+(it follows the rank's KV heads, so it differs between ranks of an uneven split).
 Every rank gets the same number of blocks (block tables are global), so a sized
 num_kv_blocks is the minimum over ranks of
   floor((gpu_memory * gpu_memory_utilization - weights - activation_reserve) / block_bytes),
@@ -34,12 +36,13 @@ import torch
 from actors.model_shape import ModelShape
 from actors.sharding import (
     HeadShard,
+    RankShard,
     ShardingError,
+    Span,
     check_tp,
-    divisors,
-    head_shard,
     layer_partition,
     padded_vocab_size,
+    rank_shards,
     stage_layers,
 )
 from cluster.config import EngineConfig, ParallelConfig
@@ -66,6 +69,7 @@ class RankPlan:
     stage: int
     tp_rank: int
     heads: HeadShard  # the query and KV heads this rank holds
+    intermediate: Span  # its columns of the MLP's intermediate dimension
     weight_bytes: int
     activation_bytes: int  # reserved for one step's activations (and logits on the last stage)
     kv_block_bytes: int  # one KV block of all this rank's layers
@@ -89,6 +93,7 @@ class Plan:
     dtype: torch.dtype
     tp: int
     pp: int
+    tensor_split: tuple[float, ...] | None  # TP ranks' weights; None: as even as possible
     partition: tuple[int, ...]  # layers per stage
     stages: tuple[StagePlan, ...]
     cluster: ClusterSpec
@@ -118,20 +123,24 @@ class Plan:
         return int(self.cluster.gpu_memory_bytes * self.gpu_memory_utilization)
 
 
-def _rank_params(shape: ModelShape, tp: int, heads: HeadShard, n_layers: int,
-                 first: bool, last: bool, pp: int) -> int:
-    """Parameters one rank holds (see the module docstring)."""
-    hidden, d = shape.hidden_size, shape.head_dim
+def _layer_params(shape: ModelShape, shard: RankShard) -> int:
+    """Parameters of one decoder layer on one rank (see the module docstring)."""
+    hidden, d, heads = shape.hidden_size, shape.head_dim, shard.heads
     qkv_width = (heads.num_heads + 2 * heads.num_kv_heads) * d
-    inter = shape.intermediate_size // tp
-    layer = (
+    return (
         qkv_width * hidden + (qkv_width if shape.attention_bias else 0)
         + heads.num_heads * d * hidden + (hidden if shape.o_proj_bias else 0)
-        + 3 * inter * hidden
+        + 3 * shard.intermediate.size * hidden
         + 2 * hidden
     )
+
+
+def _rank_params(shape: ModelShape, tp: int, shard: RankShard, n_layers: int,
+                 first: bool, last: bool, pp: int) -> int:
+    """Parameters one rank holds (see the module docstring)."""
+    hidden = shape.hidden_size
     vocab_shard = padded_vocab_size(shape.vocab_size, tp) // tp * hidden
-    total = n_layers * layer
+    total = n_layers * _layer_params(shape, shard)
     if first:
         total += vocab_shard
     if last:
@@ -145,20 +154,20 @@ def lm_head_layers(shape: ModelShape) -> float:
     decode steps sample every token, prefill steps only each prompt's last, so the head
     counts half its weights' worth of layers. On SmolLM2-135M (49152 x 576 against 3.5M
     weights a layer: 4 layers) this is what one CPU thread measures on decode batches of
-    12-24 sequences (4.3-4.9 layers; README.md, "Pipeline parallelism")."""
-    whole = head_shard(shape.num_attention_heads, shape.num_key_value_heads, 1, 0)
-    return shape.vocab_size * shape.hidden_size / _rank_params(shape, 1, whole, 1, False, False, 1) / 2
+    12-24 sequences (4.3-4.9 layers)."""
+    return shape.vocab_size * shape.hidden_size / _layer_params(shape, rank_shards(shape, 1)[0]) / 2
 
 
-def _activation_bytes(shape: ModelShape, engine: EngineConfig, tp: int, heads: HeadShard,
+def _activation_bytes(shape: ModelShape, engine: EngineConfig, tp: int, shard: RankShard,
                       last: bool, dtype_bytes: int) -> int:
     """Reserve for one step, max_num_batched_tokens tokens wide:
     residual + normed input + attention/MLP output (3 * H), the fused qkv output
-    ((h + 2k) * d), gate_up output and act(gate) * up (3 * I / tp), in the model dtype;
+    ((h + 2k) * d), gate_up output and act(gate) * up (3 * i), in the model dtype;
     on the last stage, max_num_seqs float32 logit rows: the rank's vocab shard, the gathered
     full row and one sampling workspace (softmax / top-p sort)."""
+    heads = shard.heads
     qkv_width = (heads.num_heads + 2 * heads.num_kv_heads) * shape.head_dim
-    width = 3 * shape.hidden_size + qkv_width + 3 * (shape.intermediate_size // tp)
+    width = 3 * shape.hidden_size + qkv_width + 3 * shard.intermediate.size
     reserve = engine.max_num_batched_tokens * width * dtype_bytes
     if last:
         vocab = padded_vocab_size(shape.vocab_size, tp)
@@ -172,17 +181,10 @@ def _gib(n: int | float) -> str:
 
 def _check_layout(shape: ModelShape, parallel: ParallelConfig, cluster: ClusterSpec) -> None:
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    heads, kv, inter = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
     try:
-        check_tp(heads, kv, tp)
+        check_tp(shape.num_attention_heads, tp)
     except ShardingError as e:
         raise PlanError(f"parallel.tensor_parallel_size: {e}") from None
-    if inter % tp:
-        valid = [d for d in divisors(heads) if inter % d == 0 and (kv % d == 0 or d % kv == 0)]
-        raise PlanError(
-            f"parallel.tensor_parallel_size: tensor_parallel_size={tp} does not divide "
-            f"intermediate_size={inter}; use one of {', '.join(map(str, valid))}"
-        )
     if tp > cluster.gpus_per_node:
         raise PlanError(
             f"parallel.tensor_parallel_size: tensor_parallel_size={tp} exceeds the "
@@ -223,23 +225,24 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         )
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     partition = layer_partition(shape.num_hidden_layers, pp, parallel.layer_partition, lm_head_layers(shape))
+    tensor_split = tuple(parallel.tensor_split) if parallel.tensor_split is not None else None
+    shards = rank_shards(shape, tp, tensor_split)
     nbytes = dtype.itemsize
     budget = int(cluster.gpu_memory_bytes * engine.gpu_memory_utilization)
     budget_text = (f"gpu_memory_utilization={engine.gpu_memory_utilization} x "
                    f"{_gib(cluster.gpu_memory_bytes)} = {_gib(budget)}")
 
-    # Per rank: (stage, tp_rank, heads, weights, activations, block bytes).
+    # Per rank: (stage, tp_rank, shard, weights, activations, block bytes).
     draft = []
     for s in range(pp):
         first, last = s == 0, s == pp - 1
-        for t in range(tp):
-            heads = head_shard(shape.num_attention_heads, shape.num_key_value_heads, tp, t)
-            weights = _rank_params(shape, tp, heads, partition[s], first, last, pp) * nbytes
-            act = _activation_bytes(shape, engine, tp, heads, last, nbytes)
-            block = (2 * partition[s] * heads.num_kv_heads * shape.head_dim
+        for t, shard in enumerate(shards):
+            weights = _rank_params(shape, tp, shard, partition[s], first, last, pp) * nbytes
+            act = _activation_bytes(shape, engine, tp, shard, last, nbytes)
+            block = (2 * partition[s] * shard.heads.num_kv_heads * shape.head_dim
                      * engine.block_size * nbytes)
             if weights + act > budget:
-                whole = head_shard(shape.num_attention_heads, shape.num_key_value_heads, 1, 0)
+                whole = rank_shards(shape, 1)[0]
                 full = _rank_params(shape, 1, whole, shape.num_hidden_layers, True, True, 1)
                 full *= nbytes
                 raise PlanError(
@@ -250,7 +253,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
                     f"parallel.tensor_parallel_size (up to {cluster.gpus_per_node} per node) or "
                     f"parallel.pipeline_parallel_size, or use GPUs with more memory"
                 )
-            draft.append((s, t, heads, weights, act, block))
+            draft.append((s, t, shard, weights, act, block))
 
     per_seq = math.ceil(engine.max_model_len / engine.block_size)
     max_useful = per_seq * engine.max_num_seqs
@@ -285,14 +288,14 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
 
     stages = tuple(
         StagePlan(s, stage_layers(partition, s), tuple(
-            RankPlan(s, t, heads, w, a, b, num_blocks * b)
-            for (rs, t, heads, w, a, b) in draft if rs == s
+            RankPlan(s, t, shard.heads, shard.intermediate, w, a, b, num_blocks * b)
+            for (rs, t, shard, w, a, b) in draft if rs == s
         ))
         for s in range(pp)
     )
     assumptions = (
         "activation reserve per GPU: max_num_batched_tokens x (3 x hidden + qkv width + "
-        "3 x intermediate/tp) in the model dtype; the last stage adds max_num_seqs float32 "
+        "3 x the rank's intermediate columns) in the model dtype; the last stage adds max_num_seqs float32 "
         "logit rows x (padded_vocab/tp + 2 x padded_vocab)",
         f"the {_gib(cluster.gpu_memory_bytes - budget)} per GPU outside gpu_memory_utilization "
         "is left for the CUDA context, NCCL buffers and allocator fragmentation",
@@ -303,13 +306,40 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         "every GPU gets the same count",
     )
     return Plan(
-        shape=shape, dtype=dtype, tp=tp, pp=pp, partition=tuple(partition), stages=stages,
+        shape=shape, dtype=dtype, tp=tp, pp=pp, tensor_split=tensor_split, partition=tuple(partition), stages=stages,
         cluster=cluster, gpu_memory_utilization=engine.gpu_memory_utilization,
         max_model_len=engine.max_model_len, block_size=engine.block_size,
         num_kv_blocks=num_blocks, num_kv_blocks_given=engine.num_kv_blocks is not None,
         gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)),
         assumptions=assumptions,
     )
+
+
+def balance(plan: Plan) -> list[str]:
+    """The TP split's imbalance in words (the same on every stage): each all-reduce waits
+    for the rank with the most work, so a step pays for the largest share."""
+    if plan.tp == 1:
+        return []
+    ranks = plan.stages[0].ranks
+    how = (f"tensor_split [{', '.join(f'{w:g}' for w in plan.tensor_split)}]"
+           if plan.tensor_split is not None else "as even as possible")
+
+    def compare(what: str, unit: str, counts: list[int]) -> str:
+        hi, lo = counts.index(max(counts)), counts.index(min(counts))
+        if counts[hi] == counts[lo]:
+            return f"{what} even ({counts[0]} {unit} per rank)"
+        return (f"rank {hi} does {counts[hi] / counts[lo]:.2f}x the {what} work of rank {lo} "
+                f"({counts[hi]} vs {counts[lo]} {unit})")
+
+    layer = [_layer_params(plan.shape, RankShard(r.heads, r.intermediate)) for r in ranks]
+    hi, lo = layer.index(max(layer)), layer.index(min(layer))
+    return [
+        f"TP split ({how}): "
+        + compare("attention", "query heads", [r.heads.num_heads for r in ranks]) + "; "
+        + compare("MLP", "columns", [r.intermediate.size for r in ranks]) + ";",
+        f"  per layer, rank {hi} holds {layer[hi] / layer[lo]:.2f}x the weights of rank {lo} "
+        "(what a decode step reads); each all-reduce waits for the busiest rank",
+    ]
 
 
 def _span(start: int, count: int) -> str:
@@ -332,26 +362,30 @@ def format_plan(plan: Plan) -> str:
         f" x {_gib(c.gpu_memory_bytes)} = {_gib(plan.budget_bytes)})",
         "",
     ]
-    header = ["stage", "layers", "tp_rank", "q_heads", "kv_heads",
+    header = ["stage", "layers", "tp_rank", "q_heads", "kv_heads", "mlp_cols",
               "weights", "activ", "kv_cache", "total"]
     rows = [header]
     for st in plan.stages:
         for r in st.ranks:
-            h = r.heads
+            h, cols = r.heads, r.intermediate
             rows.append([
                 str(st.stage), _span(st.layers.start, len(st.layers)), str(r.tp_rank),
                 _span(h.head_start, h.num_heads), _span(h.kv_head_start, h.num_kv_heads),
+                _span(cols.start, cols.size),
                 *(f"{n / GiB:.2f}" for n in
                   (r.weight_bytes, r.activation_bytes, r.kv_cache_bytes, r.total_bytes)),
             ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        cells = [v.ljust(w) if i in (1, 3, 4) else v.rjust(w)
+        cells = [v.ljust(w) if i in (1, 3, 4, 5) else v.rjust(w)
                  for i, (v, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
     weights = sum(r.weight_bytes for r in plan.ranks)
-    blocks = ", ".join(f"stage {st.stage}: {st.ranks[0].kv_block_bytes / 2**20:.2f} MiB"
-                       for st in plan.stages)
+    blocks = ", ".join(
+        f"stage {st.stage}: " + " / ".join(f"{n / 2**20:.2f}" for n in sorted({r.kv_block_bytes for r in st.ranks}))
+        + " MiB"
+        for st in plan.stages
+    )
     source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from memory"
     lines += [
         "",
@@ -360,6 +394,7 @@ def format_plan(plan: Plan) -> str:
         f"{plan.kv_tokens} tokens = {plan.kv_tokens // plan.max_model_len} full sequences of "
         f"max_model_len={plan.max_model_len}",
         f"bytes per KV block per GPU: {blocks}",
+        *balance(plan),
         f"total: {plan.gpus} GPUs, {plan.nodes} node(s)",
         "assumed:",
         *(f"  - {a}" for a in plan.assumptions),

@@ -77,6 +77,7 @@ def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
         tp=plan.tp,
         pp=plan.pp,
         layer_partition=list(plan.partition),
+        tensor_split=plan.tensor_split,
         dtype=str(dtype).removeprefix("torch."),
         device=device,
         max_model_len=eng.max_model_len,

@@ -66,7 +66,8 @@ def verify(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Verify
         for prompt, logits in zip(prompts, got):
             want = reference(torch.tensor([prompt])).logits[0]
             errors.append(float((logits.float() - want).abs().max() / want.abs().max()))
-    layout = f"tp={spec.tp} x pp={spec.pp}" + (f" layers {spec.layer_partition}" if spec.pp > 1 else "")
+    layout = (f"tp={spec.tp} x pp={spec.pp}" + (f" layers {spec.layer_partition}" if spec.pp > 1 else "")
+              + (f" tensor_split {list(spec.tensor_split)}" if spec.tensor_split is not None else ""))
     return VerifyResult(layout, spec.dtype, errors, TOLERANCE[spec.dtype], time.perf_counter() - start)
 
 

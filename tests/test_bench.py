@@ -235,3 +235,21 @@ def test_each_system_reports_its_median_round_with_every_round():
     assert median_run(runs) == {"output_tok_s": 120.0, "round": 0, "load_average": 2.0,
                                 "tok_s_of_runs": [120.0, 100.0, 140.0], "load_average_of_runs": [2.0, 3.0, 4.0]}
     assert median_run(runs[:2])["output_tok_s"] == 100.0  # an even count: the lower middle
+
+
+@pytest.mark.slow
+def test_imbalance_bench_times_every_rank_of_both_layouts(tmp_path):
+    from deploy.bench.imbalance import main as imbalance
+
+    out = tmp_path / "imbalance.json"
+    assert imbalance(["--layers", "1", "--rounds", "2", "--steps", "1", "--batch", "2", "--context", "16",
+                      "--prompt", "16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    heads = {name: [(r["q_heads"], r["groups"]) for r in rows if r["phase"] == "decode"]
+             for name, rows in report["layouts"].items()}
+    assert list(heads.values()) == [[(5, [3, 2]), (4, [1, 3])], [(3, [3])] * 3]
+    for rows in report["layouts"].values():
+        assert {r["phase"] for r in rows} == {"decode", "prefill"}
+        for r in rows:
+            assert 0 < r["compute_ms"] < r["forward_ms"] and r["all_reduce_ms"] > 0
+    assert len(report["attention"]) == 8 and all(a["ms"] > 0 for a in report["attention"])

@@ -129,6 +129,19 @@ def test_layer_partition_entries_are_positive(tmp_path):
     assert "parallel.layer_partition[1]: Input should be greater than 0" in msg
 
 
+def test_tensor_split_one_positive_weight_per_tp_rank(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("model: m\nparallel:\n  tensor_parallel_size: 2\n  tensor_split: [24, 16.5]\n")
+    assert load_config(ok).parallel.tensor_split == [24.0, 16.5]
+    msg = config_error(tmp_path, "model: m\nparallel:\n  tensor_parallel_size: 2\n  tensor_split: [2, 1, 1]\n")
+    assert "parallel.tensor_split: tensor_split=[2, 1, 1] has 3 weight(s) but tensor_parallel_size=2" in msg
+    assert "one weight per TP rank" in msg
+    msg = config_error(tmp_path, "model: m\nparallel:\n  tensor_parallel_size: 2\n  tensor_split: [1, 0]\n")
+    assert "parallel.tensor_split: tensor_split=[1, 0]: every weight must be a positive number" in msg
+    msg = config_error(tmp_path, "model: m\nparallel:\n  tensor_split: ['big', 1]\n")
+    assert "parallel.tensor_split[0]:" in msg
+
+
 def test_missing_model_bad_yaml_and_missing_file(tmp_path):
     assert "model: Field required" in config_error(tmp_path, "dtype: auto\n")
     assert "mapping" in config_error(tmp_path, "- model\n")

@@ -1,8 +1,8 @@
 """The engine across TP x PP Ray workers on a simulated 2-node x 2-GPU cluster, two batches
 in flight: concurrent greedy requests produce exactly Hugging Face's tokens for each
-prompt alone, and seeded ones those of one process without a pipeline, with preemption
-and chunked prefill in the mix; steps longer than the health check's timeout are not
-mistaken for dead workers."""
+prompt alone (heads split evenly and unevenly), and seeded ones those of one process
+without a pipeline, with preemption and chunked prefill in the mix; steps longer than the
+health check's timeout are not mistaken for dead workers."""
 
 import asyncio
 import time
@@ -17,16 +17,17 @@ from cluster.engine import Engine
 from cluster.ray_executor import RayExecutor
 from cluster.replica import build_engine, engine_limits, plan_replica
 from tests.test_engine import make_engine, mixed_requests
-from tests.tiny_models import hf_greedy
+from tests.tiny_models import hf_greedy, save_tiny, smollm2_like_config
 
 pytestmark = pytest.mark.slow
 
 
-def engine_config(path, *, num_kv_blocks: int, max_num_batched_tokens: int = 256) -> TensorfleetConfig:
+def engine_config(path, *, num_kv_blocks: int, layer_partition=(2, 3), tensor_split=None,
+                  max_num_batched_tokens: int = 256) -> TensorfleetConfig:
     return TensorfleetConfig.model_validate({
         "model": str(path), "dtype": "float32",
-        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "layer_partition": [2, 3],
-                     "device": "cpu"},
+        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "layer_partition": list(layer_partition),
+                     "tensor_split": tensor_split, "device": "cpu"},
         "engine": {"max_model_len": 128, "block_size": 8, "num_kv_blocks": num_kv_blocks,
                    "max_num_seqs": 16, "max_num_batched_tokens": max_num_batched_tokens},
     })
@@ -88,6 +89,22 @@ async def test_16_concurrent_requests_match_hf_and_one_process(ray_cluster_2x2, 
     finally:
         engine.shutdown()
         one_process.shutdown()
+
+
+@pytest.mark.parametrize("tensor_split", [None, [2, 1]], ids=["uneven", "weighted"])
+async def test_uneven_heads_greedy_requests_match_hf(ray_cluster_2x2, tmp_path, tensor_split):
+    """SmolLM2's 9 heads / 3 KV heads at tp=2 (5 + 4 heads, or 6 + 3 weighted): decodes read
+    unequal query groups per KV head; prompt chunks attend over cached context."""
+    hf = save_tiny(smollm2_like_config(), tmp_path)
+    engine = build_engine(engine_config(tmp_path, num_kv_blocks=256, layer_partition=(2, 1), tensor_split=tensor_split,
+                                        max_num_batched_tokens=48))
+    try:
+        requests = mixed_requests(1000, 12, seed=43)
+        got = await run_concurrently(engine, requests)
+        for (rid, (prompt, params)), tokens in zip(requests.items(), got):
+            assert tokens == hf_greedy(hf, prompt, params.max_tokens), rid
+    finally:
+        engine.executor.shutdown()
 
 
 SLOW_STEP_S = 2.0

@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.attention import build_attention_metadata
 from actors.checkpoint import load_checkpoint
 from actors.comm import ParallelContext, PipelineEdges, TPGroup
 from actors.loader import CheckpointError
 from actors.model_shape import UnsupportedModelError
 from actors.models.llama import LlamaStage, checkpoint_names
 from actors.sharding import ShardingError
+from tests.threaded_tp import stage_prompt_logits
 from tests.tiny_models import (
     build_hf_model,
     hf_prompt_logits,
@@ -28,19 +28,7 @@ from tests.tiny_models import (
 def single_rank_logits(cfg, path, prompts, dtype=torch.float32):
     model = LlamaStage(tiny_shape(cfg), ParallelContext.single(), range(cfg.num_hidden_layers), dtype)
     load_checkpoint(model, path)
-    for layer in model.model.layers.values():
-        a = layer.self_attn.attn
-        a.kv_cache = torch.zeros(2, 64 * 8, a.num_kv_heads, a.head_dim, dtype=dtype)
-    lens = [len(p) for p in prompts]
-    tables, nxt = [], 0
-    for n in lens:
-        tables.append(list(range(nxt, nxt + -(-n // 8))))
-        nxt += len(tables[-1])
-    meta = build_attention_metadata(lens, lens, tables, 8)
-    ids = torch.tensor([t for p in prompts for t in p])
-    pos = torch.tensor([i for n in lens for i in range(n)])
-    with torch.no_grad():
-        return list(model.compute_logits(model(ids, pos, meta)).split(lens))
+    return stage_prompt_logits(model, prompts)
 
 
 def test_sharded_checkpoint_with_index(tmp_path):
@@ -99,19 +87,11 @@ def test_sliding_window_refused_clearly():
         tiny_shape(mistral_config(sliding_window=128))
 
 
-def test_tp_that_does_not_fit_the_heads_lists_valid_sizes():
-    tp3 = TPGroup(size=3, rank=0)  # fails before any collective is needed
-    ctx = ParallelContext(3, 1, 0, tp3, PipelineEdges(None, None, tp3.stats))
-    with pytest.raises(ShardingError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=8; use one of 1, 2, 4, 8"):
+def test_tp_above_the_head_count_says_what_works():
+    tp9 = TPGroup(size=9, rank=0)  # fails before any collective is needed
+    ctx = ParallelContext(9, 1, 0, tp9, PipelineEdges(None, None, tp9.stats))
+    with pytest.raises(ShardingError, match=r"tensor_parallel_size=9 exceeds num_attention_heads=8.* from 1 to 8"):
         LlamaStage(tiny_shape(llama_config()), ctx, range(5), torch.float32)
-
-
-def test_kv_heads_neither_split_nor_replicated():
-    tp4 = TPGroup(size=4, rank=0)
-    ctx = ParallelContext(4, 1, 0, tp4, PipelineEdges(None, None, tp4.stats))
-    with pytest.raises(ShardingError, match="num_key_value_heads=3"):
-        LlamaStage(tiny_shape(llama_config(hidden_size=96, num_attention_heads=12, num_key_value_heads=3)), ctx,
-                   range(5), torch.float32)
 
 
 def test_llama_with_attention_and_mlp_bias(tmp_path):

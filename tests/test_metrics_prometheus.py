@@ -179,6 +179,7 @@ async def test_every_metric_and_dashboard_query_has_data(server, prometheus):
         result = await asyncio.to_thread(eventually, lambda: query(prometheus, promql) or None)  # parse errors fail here
         if not result:
             empty.append(title)
+            continue
         sample = ", ".join(f"{_labels(s['metric'])}={float(s['value'][1]):.4g}" for s in result[:4])
         print(f"  {title}: {promql}\n      -> {sample}")
     assert not empty, f"dashboard panels with no series: {empty}"

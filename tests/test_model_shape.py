@@ -38,6 +38,8 @@ def test_model_shape_errors(tmp_path):
     assert "GPT2LMHeadModel" in str(e.value)
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
         assert arch in str(e.value)
+    with pytest.raises(ModelShapeError, match="num_key_value_heads=3 does not divide num_attention_heads=8"):
+        ModelShape.from_dict({**LLAMA, "num_key_value_heads": 3})
 
 
 def test_rope_old_and_new_style_and_unsupported_model_features():

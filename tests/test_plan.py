@@ -6,6 +6,7 @@ planner's own helpers.
 
 import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from actors.model_shape import ModelShape
+from actors.sharding import Span
 from cluster.config import EngineConfig, ParallelConfig
 from cluster.plan import ClusterSpec, PlanError, make_plan
 from deploy.cli.main import main
@@ -25,9 +27,9 @@ LLAMA_70B = ModelShape.from_dir(MODEL_CONFIGS / "llama-3-70b")
 H100 = ClusterSpec(nodes=1, gpus_per_node=8, gpu_memory_bytes=80 * GiB)
 
 
-def plan(shape=LLAMA_8B, tp=1, pp=1, partition=None, cluster=H100, **engine):
+def plan(shape=LLAMA_8B, tp=1, pp=1, partition=None, cluster=H100, tensor_split=None, **engine):
     parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                              layer_partition=partition)
+                              layer_partition=partition, tensor_split=tensor_split)
     return make_plan(shape, parallel, EngineConfig(**engine), torch.bfloat16, cluster)
 
 
@@ -40,17 +42,27 @@ def plan_error(**kwargs) -> str:
 # --- refusals -----------------------------------------------------------------------------
 
 
-def test_tp_that_does_not_divide_heads_lists_valid_sizes():
-    msg = plan_error(tp=3)
+def test_tp_above_the_head_count_says_what_works():
+    msg = plan_error(tp=33, cluster=ClusterSpec(1, 64, 80 * GiB))
     assert msg.startswith("parallel.tensor_parallel_size:")
-    assert "tensor_parallel_size=3 does not divide num_attention_heads=32" in msg
-    assert "1, 2, 4, 8, 16, 32" in msg
+    assert "tensor_parallel_size=33 exceeds num_attention_heads=32" in msg
+    assert "from 1 to 32" in msg and "pipeline_parallel_size" in msg
 
 
-def test_tp_that_does_not_divide_intermediate_size():
-    shape = dataclasses.replace(LLAMA_8B, intermediate_size=100)
-    msg = plan_error(shape=shape, tp=8)
-    assert "intermediate_size=100" in msg and "1, 2, 4" in msg and ", 8" not in msg
+def test_tp_that_divides_nothing_plans_by_hand():
+    # Llama-3-8B at tp=3: 32 heads -> 11 | 11 | 10 over 8 KV heads (4 query heads each):
+    # rank 0 KV 0-2, rank 1 KV 2-5, rank 2 KV 5-7; 14336 MLP columns = 448 blocks of 32 ->
+    # 150 | 149 | 149 blocks = 4800 | 4768 | 4768 columns.
+    p = plan(tp=3)
+    heads = [(r.heads.heads, r.heads.kv_heads, r.heads.groups) for r in p.ranks]
+    assert heads == [(Span(0, 11), Span(0, 3), (4, 4, 3)), (Span(11, 22), Span(2, 6), (1, 4, 4, 2)),
+                     (Span(22, 32), Span(5, 8), (2, 4, 4))]
+    assert [r.intermediate for r in p.ranks] == [Span(0, 4800), Span(4800, 9568), Span(9568, 14336)]
+    vocab_shard = 128256 // 3 * 4096  # 128256 = 668 x 192: no padding at tp=3
+    for r, (h, k, cols) in zip(p.ranks, [(11, 3, 4800), (11, 4, 4768), (10, 3, 4768)]):
+        layer = (h + 2 * k) * 128 * 4096 + h * 128 * 4096 + 3 * cols * 4096 + 2 * 4096
+        assert r.weight_bytes == 2 * (32 * layer + 2 * vocab_shard + 4096)
+        assert r.kv_block_bytes == 2 * 32 * k * 128 * 16 * 2  # follows the rank's KV heads
 
 
 def test_tp_larger_than_a_node_is_refused():
@@ -159,10 +171,11 @@ def test_tied_embeddings_and_qkv_bias_counted_by_hand():
 # --- tensorfleet plan ---------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, model: Path, tp: int, pp: int = 1) -> Path:
+def write_config(tmp_path: Path, model: Path, tp: int, pp: int = 1, tensor_split: list[int] | None = None) -> Path:
     path = tmp_path / "tensorfleet.yaml"
     path.write_text(f"model: {model}\nparallel:\n  tensor_parallel_size: {tp}\n"
-                    f"  pipeline_parallel_size: {pp}\n")
+                    f"  pipeline_parallel_size: {pp}\n"
+                    + (f"  tensor_split: {tensor_split}\n" if tensor_split is not None else ""))
     return path
 
 
@@ -225,6 +238,75 @@ def test_cli_70b_tp8_pp2(tmp_path, capsys):
     assert "16 GPUs on 2 node(s)" in out
     p = plan(shape=LLAMA_70B, tp=8, pp=2, cluster=ClusterSpec(2, 8, 80 * GiB))
     assert p.rank(0, 3).weight_bytes == 2 * first and p.rank(1, 5).weight_bytes == 2 * last
+
+
+SMOLLM2_135M = {  # SmolLM2-135M's config.json, the shape of the default served model
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+    "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def smollm2_dir(tmp_path) -> Path:
+    path = tmp_path / "smollm2-135m"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    return path
+
+
+def smollm2_layer(heads: int, kv_heads: int, cols: int) -> int:
+    """Parameters of one SmolLM2 layer on a rank (head_dim 64, hidden 576)."""
+    return (heads + 2 * kv_heads) * 64 * 576 + heads * 64 * 576 + 3 * cols * 576 + 2 * 576
+
+
+def test_cli_smollm2_tp2_uneven_heads(tmp_path, smollm2_dir, capsys):
+    # 9 heads -> 5 | 4; KV heads 0-1 | 1-2 (KV head 1 serves query heads 3-5 on both ranks);
+    # 1536 MLP columns = 48 blocks of 32 -> 768 | 768. Tied embedding, vocab 49152 / 2 rows.
+    per_rank = [30 * smollm2_layer(h, 2, 768) + 49152 // 2 * 576 + 576 for h in (5, 4)]
+    assert per_rank == [69_486_912, 67_275_072]
+    assert main(["plan", str(write_config(tmp_path, smollm2_dir, tp=2))]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert [(r["q_heads"], r["kv_heads"], r["mlp_cols"]) for r in rows] == [
+        ("0-4", "0-1", "0-767"), ("5-8", "1-2", "768-1535")]
+    assert [r["weights"] for r in rows] == [f"{2 * n / GiB:.2f}" for n in per_rank]
+    assert ("TP split (as even as possible): rank 0 does 1.25x the attention work of rank 1 "
+            "(5 vs 4 query heads); MLP even (768 columns per rank)") in out
+    assert "rank 0 holds 1.04x the weights of rank 1" in out  # 1844352 / 1770624 per layer
+    p = plan(shape=ModelShape.from_dict(SMOLLM2_135M), tp=2)
+    assert [r.weight_bytes for r in p.ranks] == [2 * n for n in per_rank]
+    assert {r.kv_block_bytes for r in p.ranks} == {2 * 30 * 2 * 64 * 16 * 2}  # 2 KV heads on each
+
+
+def test_cli_smollm2_weighted_split(tmp_path, smollm2_dir, capsys):
+    # tensor_split [2, 1]: heads 6 | 3 (KV 0-1 | 2), MLP 32 | 16 blocks = 1024 | 512 columns.
+    per_rank = [30 * smollm2_layer(6, 2, 1024), 30 * smollm2_layer(3, 1, 512)]
+    per_rank = [n + 49152 // 2 * 576 + 576 for n in per_rank]
+    assert main(["plan", str(write_config(tmp_path, smollm2_dir, tp=2, tensor_split=[2, 1]))]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert [(r["q_heads"], r["kv_heads"], r["mlp_cols"]) for r in rows] == [
+        ("0-5", "0-1", "0-1023"), ("6-8", "2", "1024-1535")]
+    assert [r["weights"] for r in rows] == [f"{2 * n / GiB:.2f}" for n in per_rank]
+    assert ("TP split (tensor_split [2, 1]): rank 0 does 2.00x the attention work of rank 1 (6 vs 3 query heads); "
+            "rank 0 does 2.00x the MLP work of rank 1 (1024 vs 512 columns)") in out
+    p = plan(shape=ModelShape.from_dict(SMOLLM2_135M), tp=2, tensor_split=[2, 1])
+    assert [r.weight_bytes for r in p.ranks] == [2 * n for n in per_rank]
+    # the KV cache follows the KV heads: rank 1 holds one, so half the bytes per block
+    assert [r.kv_block_bytes for r in p.ranks] == [2 * 30 * k * 64 * 16 * 2 for k in (2, 1)]
+    assert "stage 0: 0.12 / 0.23 MiB" in out
+
+
+def test_cli_tensor_split_refusals_name_the_field(tmp_path, smollm2_dir, capsys):
+    assert main(["plan", str(write_config(tmp_path, smollm2_dir, tp=2, tensor_split=[2, 1, 1]))]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tensor_split:" in err and "3 weight(s) but tensor_parallel_size=2" in err
+    assert main(["plan", str(write_config(tmp_path, smollm2_dir, tp=2, tensor_split=[2, 0]))]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tensor_split:" in err and "every weight must be a positive number" in err
+    assert main(["plan", str(write_config(tmp_path, smollm2_dir, tp=10))]) == 2
+    err = capsys.readouterr().err
+    assert "tensor_parallel_size=10 exceeds num_attention_heads=9" in err and "from 1 to 9" in err
 
 
 def test_cli_exit_2_when_it_does_not_fit(tmp_path, capsys):

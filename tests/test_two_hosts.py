@@ -1,19 +1,30 @@
 """A real two-host deployment: `ray up` with deploy/clusters/local.yaml brings up a head on
 host A and a worker on host B (network namespaces with their own sshd, tests/two_hosts.py),
-each declaring 2 logical GPUs; `tensorfleet serve --address` (run on host A through
-`ray exec`) serves a small model at tp=2 x pp=2, one pipeline stage per host, the TP groups
-and the stage-to-stage edge over gloo on the namespaces' addresses; an HTTP request from
-this process gets Hugging Face's greedy tokens; `ray down` stops the cluster.
+each declaring 2 logical GPUs. One cluster serves every test of this module:
+
+- `tensorfleet serve --address` (run on host A through `ray exec`) serves a small model at
+  tp=2 x pp=2, one pipeline stage per host, the TP groups and the stage-to-stage edge over
+  gloo on the namespaces' addresses; an HTTP request from this process gets Hugging Face's
+  greedy tokens;
+- `tensorfleet doctor` passes on the healthy cluster, then finds four misconfigurations,
+  one at a time, each named with its node and fix within 30 s; `serve` stops on the same
+  rows (exit 2) instead of hanging.
 
 Only the site-specific fields of the shipped YAML are replaced (addresses, SSH user and
 key, where the auth token comes from); its setup and start commands run as written. Each
-host's ~/.bashrc stands in for its hardware (2 logical GPUs) and points ~/tensorfleet-venv
-at this checkout's venv, which the setup command then finds installed.
+host's ~/.bashrc stands in for its hardware (2 logical GPUs), points ~/tensorfleet-venv at
+this checkout's venv, which the setup command then finds installed, and puts the host's own
+synced copy of the checkout (~/tensorfleet) first on the PYTHONPATH, as an install from it
+would. Host B also has a second interface, eth1 (10.232.0.2, one end of a veth pair), and pins
+gloo to it with GLOO_SOCKET_IFNAME=eth1, as on a machine with a separate network for the
+collectives; host A reaches it through a route via B's eth0.
 """
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +36,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.two_hosts import TwoHosts, namespaces_unavailable
+from tests.doctor_table import comparable, doctor_seconds, parse_table
+from tests.two_hosts import HostsBusy, TwoHosts, namespaces_unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +51,31 @@ export RAY_OVERRIDE_RESOURCES='{"CPU": 4, "GPU": 2}'
 export RAY_USAGE_STATS_ENABLED=0
 # The autoscaler's state file of the local provider, per host as on separate machines.
 export RAY_TMPDIR=/root/ray-tmp
+# This host runs its own copy of the checkout, the one `ray up` synced.
+export PYTHONPATH=$HOME/tensorfleet
 """
+COLLECTIVES_IP = "10.232.0.2"  # host B's eth1
+HOST_B_BASHRC = HOST_BASHRC + "# gloo on the collectives' network\nexport GLOO_SOCKET_IFNAME=eth1\n"
+DOCTOR_DEADLINE_S = 30  # the issue's bound: a misconfiguration is named within this
 
 
 def ray_temp_dirs(hosts: TwoHosts) -> list[Path]:
     """Where local.yaml's start commands put each node's Ray session (--temp-dir)."""
     return [Path(f"/tmp/tf-ray-{h.ip}") for h in hosts.hosts]
+
+
+def netns(host, *cmd: str) -> None:
+    subprocess.run(["ip", "netns", "exec", host.name, *cmd], check=True, capture_output=True, timeout=30)
+
+
+def pids_of(host, needle: str) -> list[int]:
+    """Processes in a host's network namespace whose command line contains `needle`."""
+    pids = []
+    for pid in subprocess.run(["ip", "netns", "pids", host.name], capture_output=True, text=True).stdout.split():
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(pid))
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +86,24 @@ def hosts(tmp_path_factory):
     missing = [tool for tool in ("/usr/sbin/sshd", "/usr/bin/rsync", "/usr/bin/ssh-keygen")
                if not os.path.exists(tool)]
     assert not missing, f"{missing} not installed: run `bash .ci/system-packages` (as root)"
-    hosts = TwoHosts.start(tmp_path_factory.mktemp("two-hosts"), HOST_BASHRC,
-                           {"tensorfleet-venv": REPO / ".venv"})
+    try:
+        hosts = TwoHosts.start(tmp_path_factory.mktemp("two-hosts"), HOST_BASHRC,
+                               {"tensorfleet-venv": REPO / ".venv"})
+    except HostsBusy as e:
+        pytest.skip(str(e))
+    head, worker = hosts.hosts
+    try:
+        (worker.home / ".bashrc").write_text(HOST_B_BASHRC)
+        # eth1: one end of a veth pair whose other end stays inside host B (no dummy
+        # driver needed); only the route on host A makes its address reachable.
+        netns(worker, "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer")
+        netns(worker, "ip", "addr", "add", f"{COLLECTIVES_IP}/24", "dev", "eth1")
+        for link in ("eth1", "eth1-peer"):
+            netns(worker, "ip", "link", "set", link, "up")
+        netns(head, "ip", "route", "add", COLLECTIVES_IP, "via", worker.ip)
+    except BaseException:
+        hosts.stop()
+        raise
     for d in ray_temp_dirs(hosts):
         shutil.rmtree(d, ignore_errors=True)  # an earlier killed run's sessions
     yield hosts
@@ -106,6 +153,35 @@ def wait_for(what: str, check, timeout_s: float, diagnose=lambda: "") -> float:
     return time.perf_counter() - start
 
 
+@pytest.fixture(scope="module")
+def cluster(hosts):
+    """`ray up` once for the module, `ray down` after it; yields the cluster YAML."""
+    head, worker = hosts.hosts
+    config = cluster_yaml(hosts)
+    start = time.perf_counter()
+    ray_cli(hosts, "up", "-y", "--no-config-cache", str(config), timeout=240)
+    up = time.perf_counter() - start
+    joined = wait_for("host B's raylet", lambda: any("raylet" in c for c in hosts.processes(worker)), 120)
+    print(f"[two hosts] ray up {up:.1f}s, worker joined {joined:.1f}s")
+    yield config
+    start = time.perf_counter()
+    ray_cli(hosts, "down", "-y", str(config), timeout=120)
+    print(f"[two hosts] ray down {time.perf_counter() - start:.1f}s")
+    assert not any("gcs_server" in c or "raylet" in c for c in hosts.processes(head))
+
+
+def serve_config(hosts: TwoHosts, model: Path | str, name: str = "tensorfleet.yaml") -> Path:
+    head = hosts.hosts[0]
+    path = hosts.workdir / name
+    path.write_text(yaml.safe_dump({
+        "model": str(model), "served_model_name": MODEL, "dtype": "float32",
+        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
+        "engine": {"max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8},
+        "serve": {"host": head.ip, "port": PORT},
+    }))
+    return path
+
+
 def healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
@@ -123,31 +199,18 @@ def hf_greedy_text(model_dir: Path, prompt: str, n: int) -> str:
     return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def test_ray_up_serves_tp2_pp2_across_two_hosts(hosts, chat_model_dir):
-    head, worker = hosts.hosts
-    config = cluster_yaml(hosts)
-    serve_config = hosts.workdir / "tensorfleet.yaml"
-    serve_config.write_text(yaml.safe_dump({
-        "model": str(chat_model_dir), "served_model_name": MODEL, "dtype": "float32",
-        "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "device": "cpu"},
-        "engine": {"max_model_len": 512, "num_kv_blocks": 128, "max_num_seqs": 8},
-        "serve": {"host": head.ip, "port": PORT},
-    }))
+def test_ray_up_serves_tp2_pp2_across_two_hosts(hosts, cluster, chat_model_dir):
+    head, _ = hosts.hosts
+    config = serve_config(hosts, chat_model_dir)
     url = f"http://{head.ip}:{PORT}"
     serve_log = head.home / "serve.log"
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    ray_cli(hosts, "up", "-y", "--no-config-cache", str(config), timeout=240)
-    timings["ray up"] = time.perf_counter() - start
-    timings["worker joined"] = wait_for(
-        "host B's raylet", lambda: any("raylet" in c for c in hosts.processes(worker)), 120)
-
     # The driver runs on the head, as a user's would (`ray exec` / `ray attach`), with the
     # cluster's token (~/.ray/auth_token there): Ray sends it only in token mode.
     start = time.perf_counter()
-    ray_cli(hosts, "exec", str(config),
-            f"RAY_AUTH_MODE=token nohup ~/tensorfleet-venv/bin/tensorfleet serve {serve_config} "
+    ray_cli(hosts, "exec", str(cluster),
+            f"RAY_AUTH_MODE=token nohup ~/tensorfleet-venv/bin/tensorfleet serve {config} "
             f"--address {head.ip}:6379 > ~/serve.log 2>&1 < /dev/null &", timeout=60)
 
     def serving() -> bool:
@@ -156,7 +219,8 @@ def test_ray_up_serves_tp2_pp2_across_two_hosts(hosts, chat_model_dir):
         return healthy(url)
 
     wait_for("the served model's /health", serving, 300, diagnose=lambda: serve_log.read_text()[-4000:])
-    timings["deploy + model load"] = time.perf_counter() - start
+    timings["doctor + deploy + model load"] = time.perf_counter() - start
+    assert "doctor: " in serve_log.read_text()  # serve ran the doctor first, and it passed
 
     # One pipeline stage per host: each host runs one TP group's two workers.
     for h in hosts.hosts:
@@ -180,8 +244,135 @@ def test_ray_up_serves_tp2_pp2_across_two_hosts(hosts, chat_model_dir):
                                      extra_body={"ignore_eos": True})
     assert done.choices[0].text == want and done.usage.completion_tokens == 24
 
-    start = time.perf_counter()
-    ray_cli(hosts, "down", "-y", str(config), timeout=120)
-    timings["ray down"] = time.perf_counter() - start
-    assert not any("gcs_server" in c or "raylet" in c for c in hosts.processes(head))
+    # Stop serving (SIGTERM: drain, then remove the workers) so the doctor finds the GPUs free.
+    for pid in pids_of(head, "tensorfleet serve"):
+        os.kill(pid, signal.SIGTERM)
+    wait_for("serve to stop", lambda: not pids_of(head, "tensorfleet serve"), 120)
+    wait_for("the workers to go", lambda: not any(pids_of(h, "ray::RayWorker") for h in hosts.hosts), 60)
     print("[two hosts] " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+# -- the doctor ------------------------------------------------------------------------------
+
+
+def run_on_head(hosts: TwoHosts, cluster: Path, command: str, name: str, timeout: float) -> tuple[int, str, float]:
+    """Run a tensorfleet command on host A as a user would; (exit code, output, seconds)."""
+    head = hosts.hosts[0]
+    out, rc = head.home / f"{name}.out", head.home / f"{name}.rc"
+    rc.unlink(missing_ok=True)
+    start = time.perf_counter()
+    # `timeout` on the host: a command that hangs is killed there, not left behind.
+    ray_cli(hosts, "exec", str(cluster),
+            f"RAY_AUTH_MODE=token timeout {timeout:.0f} ~/tensorfleet-venv/bin/tensorfleet {command} "
+            f"--address {head.ip}:6379 > ~/{name}.out 2>&1 < /dev/null; echo $? > ~/{name}.rc",
+            timeout=timeout + 60)
+    return int(rc.read_text()), out.read_text(), time.perf_counter() - start
+
+
+def test_doctor_passes_on_the_healthy_cluster(hosts, cluster, chat_model_dir):
+    config = serve_config(hosts, chat_model_dir)
+    rc, out, seconds = run_on_head(hosts, cluster, f"doctor {config}", "doctor", timeout=120)
+    print(f"\n[two hosts] tensorfleet doctor ({seconds:.1f}s with the CLI's start):\n{out}")
+    rows = parse_table(out)
+    assert rc == 0, out
+    assert not [r for r in rows if r["result"] == "fail"], out
+    checks = {r["check"] for r in rows}
+    assert {"versions", "model files", "interface", "reachable", "tp all-reduce", "pp send/recv"} <= checks
+    interface_b = next(r for r in rows if r["check"] == "interface" and r["node"].startswith(hosts.hosts[1].ip))
+    assert f"eth1 ({COLLECTIVES_IP}), from GLOO_SOCKET_IFNAME=eth1" in interface_b["detail"]
+
+
+@contextlib.contextmanager
+def weights_only_on_host_a(hosts: TwoHosts, cluster: Path, model_dir: Path):
+    """The model under /root on host A only: host B's /root is its own home."""
+    copy = hosts.hosts[0].home / "models" / "tiny-py"
+    shutil.copytree(model_dir, copy)
+    try:
+        yield "/root/models/tiny-py"
+    finally:
+        shutil.rmtree(copy.parent)
+
+
+@contextlib.contextmanager
+def no_route_to_host_b_eth1(hosts: TwoHosts, cluster: Path, model_dir: Path):
+    """Host A loses its route to host B's collectives' address (B's eth1)."""
+    head, worker = hosts.hosts
+    netns(head, "ip", "route", "del", COLLECTIVES_IP)
+    try:
+        yield model_dir
+    finally:
+        netns(head, "ip", "route", "add", COLLECTIVES_IP, "via", worker.ip)
+
+
+@contextlib.contextmanager
+def other_code_on_host_b(hosts: TwoHosts, cluster: Path, model_dir: Path):
+    """Host B's copy of the checkout drifts: one file more than the driver's (host A's)."""
+    drift = hosts.hosts[1].home / "tensorfleet" / "cluster" / "local_patch.py"
+    drift.write_text("# a change only host B has\n")
+    try:
+        yield model_dir
+    finally:
+        drift.unlink()
+
+
+HOLD_ONE_GPU = """\
+import sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+class GpuHolder:
+    def ready(self):
+        return True
+
+
+ray.init(address=sys.argv[1])
+if sys.argv[2] == "hold":
+    node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == sys.argv[3])
+    holder = GpuHolder.options(name="gpu-holder", namespace="tf-test", lifetime="detached",
+                               scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    ray.get(holder.ready.remote(), timeout=60)
+else:
+    ray.kill(ray.get_actor("gpu-holder", namespace="tf-test"))
+"""
+
+
+@contextlib.contextmanager
+def one_gpu_held_on_host_b(hosts: TwoHosts, cluster: Path, model_dir: Path):
+    """Other work (a detached actor) holds one of host B's two GPUs."""
+    head, worker = hosts.hosts
+    script = head.home / "hold_one_gpu.py"
+    script.write_text(HOLD_ONE_GPU)
+    python = f"RAY_AUTH_MODE=token ~/tensorfleet-venv/bin/python ~/{script.name} {head.ip}:6379"
+    ray_cli(hosts, "exec", str(cluster), f"{python} hold {worker.ip}", timeout=120)
+    try:
+        yield model_dir
+    finally:
+        ray_cli(hosts, "exec", str(cluster), f"{python} release", timeout=120)
+
+
+@pytest.mark.parametrize("breakage,check,detail", [
+    (weights_only_on_host_a, "model files", "/root/models/tiny-py does not exist on this node"),
+    (no_route_to_host_b_eth1, "reachable", f"to {COLLECTIVES_IP}:"),
+    (other_code_on_host_b, "versions", "tensorfleet 0.1.0 (source "),
+    (one_gpu_held_on_host_b, "placement", "1 of 2 GPUs free"),
+], ids=["weights-absent-on-b", "interface-unreachable", "version-mismatch", "gpu-held-on-b"])
+def test_doctor_names_the_broken_thing_and_serve_stops_on_it(hosts, cluster, chat_model_dir, breakage, check, detail):
+    worker = hosts.hosts[1]
+    with breakage(hosts, cluster, chat_model_dir) as model:
+        config = serve_config(hosts, model, f"{check.replace(' ', '-')}.yaml")
+        rc, out, seconds = run_on_head(hosts, cluster, f"doctor {config}", "doctor", timeout=120)
+        print(f"\n[two hosts] {breakage.__name__}: doctor exit {rc} in {doctor_seconds(out):.1f}s "
+              f"({seconds:.1f}s with the CLI's start)\n{out}")
+        failed = [r for r in parse_table(out) if r["result"] == "fail"]
+        named = [r for r in failed if r["check"] == check and r["node"].startswith(worker.ip) and detail in r["detail"]]
+        assert rc == 1 and named and all(r["fix"] for r in failed), out
+        assert doctor_seconds(out) < DOCTOR_DEADLINE_S, out
+
+        rc, out, seconds = run_on_head(hosts, cluster, f"serve {config}", "serve", timeout=120)
+        print(f"[two hosts] serve exit {rc} after {seconds:.1f}s")
+        assert rc == 2 and "pass --skip-doctor" in out, out
+        served = [r for r in parse_table(out) if r["result"] == "fail"]
+        assert sorted(map(comparable, served)) == sorted(map(comparable, failed)), out
+

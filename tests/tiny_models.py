@@ -43,6 +43,15 @@ def mistral_config(**overrides) -> MistralConfig:
     return MistralConfig(**{**args, **overrides})
 
 
+def smollm2_like_config(**overrides) -> LlamaConfig:
+    """SmolLM2-135M's head layout (9 heads, 3 KV heads, tied embeddings) at head_dim 8, with
+    an intermediate size of 6 GGUF blocks of 32: no tp > 1 splits its heads evenly."""
+    args = dict(COMMON, hidden_size=72, intermediate_size=192, vocab_size=1000, num_hidden_layers=3,
+                num_attention_heads=9, num_key_value_heads=3, architectures=["LlamaForCausalLM"],
+                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**{**args, **overrides})
+
+
 MODEL_CLASSES = {"LlamaForCausalLM": LlamaForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM,
                  "MistralForCausalLM": MistralForCausalLM}
 
@@ -66,12 +75,13 @@ def save_tiny(config, directory: Path, seed: int = 0):
 
 
 def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | None = None, *,
-                max_model_len: int = 256, block_size: int = 8, dtype: str = "float32") -> WorkerSpec:
+                max_model_len: int = 256, block_size: int = 8, dtype: str = "float32",
+                tensor_split: tuple[float, ...] | None = None) -> WorkerSpec:
     """What a CPU worker of the checkpoint at `path` (a folder or a .gguf file) needs, as a
     replica would say it."""
     checkpoint = open_checkpoint(path)
     return WorkerSpec(str(checkpoint.path), checkpoint.shape, tp, pp, partition, dtype, "cpu",
-                      max_model_len=max_model_len, block_size=block_size)
+                      max_model_len=max_model_len, block_size=block_size, tensor_split=tensor_split)
 
 
 def tiny_shape(config) -> ModelShape:

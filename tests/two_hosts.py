@@ -11,10 +11,16 @@ and `~/.bashrc` per host, as on separate machines. The rest of the filesystem is
 (the venv, the model under /tmp). Killing the sshd (PID 1 of its namespace) kills every
 process started through it, so a `ray stop` on a host never reaches another Ray on this
 machine. The addresses exist only inside this machine; nothing is routed elsewhere.
+
+The names are fixed, so one test session at a time owns them: `TwoHosts.start` takes an
+exclusive lock (`LOCK`, released when the hosts stop or the session dies) before it clears
+an earlier run's leftovers, and a second session waits for it rather than tearing down the
+first one's hosts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -24,7 +30,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+LOCK = Path("/tmp/tf2h.lock")
 BRIDGE = "tf2h-br"
 BRIDGE_IP = "10.231.0.254"
 PREFIX = 24
@@ -42,6 +50,25 @@ HOST_SPECS = (("tf2h-a", "10.231.0.1"), ("tf2h-b", "10.231.0.2"))
 
 class NamespaceError(RuntimeError):
     """This machine cannot create network namespaces (not root, or no CAP_SYS_ADMIN)."""
+
+
+class HostsBusy(RuntimeError):
+    """Another test session holds the two hosts (the lock) for longer than we wait."""
+
+
+def _take_lock(timeout_s: float) -> IO:
+    lock = open(LOCK, "w")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                raise HostsBusy(f"another test session has held the two test hosts ({LOCK}) for "
+                                f"{timeout_s:.0f}s") from None
+            time.sleep(1)
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,17 +136,20 @@ class TwoHosts:
     `~/.bashrc` (Ray's SSH commands source it), e.g. the logical GPUs it declares.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, lock: IO):
         self.workdir = workdir
+        self._lock = lock
         self.key = workdir / "ssh" / "id_ed25519"  # the client key ray up logs in with
         self.hosts = tuple(Host(name, ip, workdir / name) for name, ip in HOST_SPECS)
         self._sshd: list[subprocess.Popen] = []
 
     @classmethod
-    def start(cls, workdir: Path, bashrc: str, links: dict[str, Path]) -> TwoHosts:
-        """`links`: entries made in each home, name -> target (e.g. the venv)."""
+    def start(cls, workdir: Path, bashrc: str, links: dict[str, Path], wait_s: float = 300) -> TwoHosts:
+        """`links`: entries made in each home, name -> target (e.g. the venv). Waits up to
+        `wait_s` for another session's hosts to stop (`HostsBusy` after that)."""
+        lock = _take_lock(wait_s)
         remove_leftovers()
-        hosts = cls(workdir)
+        hosts = cls(workdir, lock)
         try:
             hosts._make_network()
             hosts._make_homes(bashrc, links)
@@ -192,7 +222,9 @@ class TwoHosts:
                 proc.kill()
                 proc.wait(timeout=10)
         self._sshd.clear()
-        remove_leftovers()
+        if not self._lock.closed:
+            remove_leftovers()
+            self._lock.close()  # releases the flock
 
 
 def _wait_for_port(ip: str, port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 20.0) -> None:

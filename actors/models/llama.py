@@ -27,7 +27,7 @@ from actors.layers import (
 )
 from actors.model_shape import ModelShape
 from actors.rotary import RotaryEmbedding, apply_rotary
-from actors.sharding import head_shard
+from actors.sharding import RankShard, rank_shards
 
 # checkpoint projection -> (fused parameter, shard id)
 FUSED_PROJECTIONS = {
@@ -61,16 +61,18 @@ def checkpoint_names(shape: ModelShape) -> set[str]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, shard: RankShard, dtype: torch.dtype):
         super().__init__()
         heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
-        shard = head_shard(heads, kv_heads, ctx.tp_size, ctx.tp_rank)
-        self.q_size, self.kv_size = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
+        mine = shard.heads
+        self.q_size, self.kv_size = mine.num_heads * head_dim, mine.num_kv_heads * head_dim
         self.qkv_proj = QKVParallelLinear(
-            shape.hidden_size, head_dim, heads, kv_heads, shard, bias=shape.attention_bias, tp=ctx.tp, dtype=dtype
+            shape.hidden_size, head_dim, heads, kv_heads, mine, bias=shape.attention_bias, tp=ctx.tp, dtype=dtype
         )
-        self.o_proj = RowParallelLinear(heads * head_dim, shape.hidden_size, bias=shape.o_proj_bias, tp=ctx.tp, dtype=dtype)
-        self.attn = PagedAttention(shard.num_heads, shard.num_kv_heads, head_dim)
+        # o_proj's input rows follow the query heads
+        self.o_proj = RowParallelLinear(heads * head_dim, shape.hidden_size, bias=shape.o_proj_bias, tp=ctx.tp,
+                                        dtype=dtype, span=mine.heads.scaled(head_dim))
+        self.attn = PagedAttention(mine.num_heads, mine.num_kv_heads, head_dim, mine.groups)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -80,11 +82,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, shard: RankShard, dtype: torch.dtype):
         super().__init__()
-        hidden, inter, bias = shape.hidden_size, shape.intermediate_size, shape.mlp_bias
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, tp=ctx.tp, dtype=dtype)
-        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, tp=ctx.tp, dtype=dtype)
+        hidden, inter, bias, mine = shape.hidden_size, shape.intermediate_size, shape.mlp_bias, shard.intermediate
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, tp=ctx.tp, dtype=dtype, span=mine)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, tp=ctx.tp, dtype=dtype, span=mine)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -92,10 +94,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype: torch.dtype):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, shard: RankShard, dtype: torch.dtype):
         super().__init__()
-        self.self_attn = LlamaAttention(shape, ctx, dtype)
-        self.mlp = LlamaMLP(shape, ctx, dtype)
+        self.self_attn = LlamaAttention(shape, ctx, shard, dtype)
+        self.mlp = LlamaMLP(shape, ctx, shard, dtype)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype)
 
@@ -111,20 +113,23 @@ class LlamaStage(nn.Module):
 
     Parameter names follow the checkpoint's (`model.layers.{i}...` with the global i), with
     q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj` (`fused_projections`).
+    This rank's heads and MLP columns come from actors.sharding.rank_shards: as even as
+    possible over the TP group, or weighted by `tensor_split` (one weight per TP rank).
     """
 
     fused_projections = FUSED_PROJECTIONS
 
     def __init__(self, shape: ModelShape, ctx: ParallelContext, layers: range, dtype: torch.dtype,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, tensor_split: tuple[float, ...] | None = None):
         super().__init__()
         self.shape, self.ctx, self.layer_range = shape, ctx, layers
+        self.shard = rank_shards(shape, ctx.tp_size, tensor_split)[ctx.tp_rank]
         hidden, vocab = shape.hidden_size, shape.vocab_size
         self.rotary = RotaryEmbedding(shape.head_dim, max_positions or shape.max_position_embeddings, shape.rope)
         self.model = nn.Module()
         if ctx.is_first_stage:
             self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp=ctx.tp, dtype=dtype)
-        self.model.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(shape, ctx, dtype) for i in layers})
+        self.model.layers = nn.ModuleDict({str(i): LlamaDecoderLayer(shape, ctx, self.shard, dtype) for i in layers})
         if ctx.is_last_stage:
             self.model.norm = RMSNorm(hidden, shape.rms_norm_eps, dtype)
             tied = self.model.embed_tokens if shape.tie_word_embeddings and ctx.is_first_stage else None

@@ -24,6 +24,7 @@ from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, TensorfleetConfig, load_config
 from cluster.relayout import LAYOUT_SECTIONS, layout_of
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
+from deploy.cli.doctor import check_before_serving
 from deploy.default_model import config_or_default
 from deploy.server.app import APP_NAME, deploy
 
@@ -157,6 +158,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
     add_cluster_args(p)
+    p.add_argument("--skip-doctor", action="store_true",
+                   help="deploy without first running `tensorfleet doctor`'s checks (a few seconds)")
     p.set_defaults(run=run_serve)
 
 
@@ -168,5 +171,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # the default model: its pipeline stages on separate simulated nodes; else one node
         args.simulate = f"{pp}x{tp}" if args.config is None else f"1x{tp * pp}"
     with ray_session_of(args):
+        if not args.skip_doctor:
+            check_before_serving(config)
         serve_forever(config, watch=Path(args.config) if args.config is not None else None)
     return 0
