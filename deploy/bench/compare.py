@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "a .gguf file, or `default` (SmolLM2-135M-Instruct's GGUF)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine.max_num_batched_tokens")
     p.add_argument("--layer-partition", type=lambda t: [int(n) for n in t.split(",")], metavar="N,N",
-                   help="parallel.layer_partition of the two-stage pipelines (default: even)")
+                   help="parallel.layer_partition of the two-stage pipelines (default: balanced, see actors/sharding.py)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of every system, interleaved; each system's median run is reported")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
