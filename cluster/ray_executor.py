@@ -11,13 +11,14 @@ that call is done; the hidden states themselves travel over the PP edge (torch.d
 NCCL, or gloo on CPU), sent before the handoff returns. TP rank 0 of the last stage,
 `workers[-1][0]`, returns the sampled tokens. Up to pp steps are in flight: stage s works
 on one while stage s + 1 works on the one before. The driver awaits the last stage's
-results on its event loop, with the step deadline.
+results on its event loop, with the step deadline, counted from when the step before it
+came back (a step behind others in the pipeline waits for them first).
 
-Plain actor calls, the step sent with each call, awaited on the event loop: of the ways
-measured (README.md, "Pipeline parallelism"), the fastest that shows the flow. A Ray
-Compiled Graph bound stage by stage had a shorter round trip but served no more tokens
-(its channel readers poll, taking CPU the stages need), and in Ray 2.60 a worker dying
-mid-step can crash its node's raylet (ray-project/ray#63229).
+Plain actor calls, the step sent with each call, awaited on the event loop. A Ray Compiled
+Graph bound stage by stage has a shorter round trip, but its channel readers poll, taking
+CPU the stages need (README.md, Benchmarks: tp=2 served 67 output tok/s with it, 114
+without), and in Ray 2.60 a worker dying mid-step can crash its node's raylet
+(ray-project/ray#63229), which recovery cannot live with.
 """
 
 import asyncio
@@ -51,6 +52,7 @@ class RayExecutor:
         self.step_deadline_s = step_deadline_s
         self.health_check_timeout_s = health_check_timeout_s
         self.num_kv_blocks = num_kv_blocks
+        self._newest: asyncio.Future[StepOutput] | None = None  # the step sent last
         self.group = place_workers(
             actor_class(worker_cls), spec.tp, spec.pp, use_gpu=uses_gpus(spec),
             timeout_s=placement_timeout_s, make_args=lambda stage, tp_rank: (spec, stage, tp_rank),
@@ -97,12 +99,21 @@ class RayExecutor:
         handoffs = [None] * self.spec.tp
         for stage in self.workers:
             handoffs = [worker.step.remote(step, prev) for worker, prev in zip(stage, handoffs)]
-        return asyncio.ensure_future(self._output(step.step_id, handoffs))
+        self._newest = asyncio.ensure_future(self._output(step.step_id, handoffs, self._newest))
+        return self._newest
 
-    async def _output(self, step_id: int, last_stage: list[ray.ObjectRef]) -> StepOutput:
-        """What TP rank 0 of the last stage returns, once every rank of that stage is done."""
+    async def _output(self, step_id: int, last_stage: list[ray.ObjectRef],
+                      before: asyncio.Future[StepOutput] | None) -> StepOutput:
+        """What TP rank 0 of the last stage returns, once every rank of that stage is done;
+        the deadline starts when the step sent `before` it is back."""
+        if before is not None and not before.done():
+            await asyncio.wait([before])  # its own outcome is its awaiter's
+
+        async def last_stage_done() -> list[StepOutput | None]:
+            return await asyncio.gather(*last_stage)  # in a task, so a timeout's cancellation is retrieved
+
         try:
-            outputs = await asyncio.wait_for(asyncio.gather(*last_stage), self.step_deadline_s)
+            outputs = await asyncio.wait_for(last_stage_done(), self.step_deadline_s)
         except TimeoutError:
             raise EngineDeadError(f"step {step_id} missed its {self.step_deadline_s}s deadline: a worker is stuck") from None
         except ray.exceptions.RayError as e:

@@ -71,7 +71,8 @@ def engine_config(path: Path, tp: int, pp: int, device: str, max_model_len: int,
         "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": device,
                      "layer_partition": layer_partition if pp > 1 else None},
         "engine": {"max_model_len": max_model_len, "max_num_seqs": 64,
-                   "max_num_batched_tokens": max_num_batched_tokens, "block_size": 16, "num_kv_blocks": 4096},
+                   "max_num_batched_tokens": max_num_batched_tokens, "block_size": 16, "num_kv_blocks": 4096,
+                   "step_deadline_s": 600},  # a throughput run, not a liveness check: a loaded machine is not a stuck worker
     })
 
 
