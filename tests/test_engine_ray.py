@@ -125,7 +125,8 @@ async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_clu
     cfg = engine_config(path, num_kv_blocks=64)
     plan, spec = plan_replica(cfg)
     executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
-                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
+                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+                           placement_timeout_s=300)  # its workers import this test module, and torch with it
     engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
                     rebuild=None)  # a busy worker taken for a dead one would fail the requests
     checks: list[float] = []
