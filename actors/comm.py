@@ -158,6 +158,11 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.stage == self.pp_size - 1
 
+    @property
+    def is_sampling_rank(self) -> bool:
+        """TP rank 0 of the last stage: the LM head gathers the full-vocabulary logits here."""
+        return self.is_last_stage and self.tp_rank == 0
+
     @classmethod
     def single(cls) -> "ParallelContext":
         tp = TPGroup.single()

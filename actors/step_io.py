@@ -2,12 +2,13 @@
 what comes back.
 
 Compact by design: a sequence brings only its new token ids, its first new position and
-the KV blocks it gained since the last step. Workers keep each running sequence's block
-table until the driver says it is finished or preempted. Stage s returns a `StageHandoff`
-that stage s + 1's call for the same step takes as its argument (the hidden states
-themselves go over the PP edge); TP rank 0 of the last stage returns the `StepOutput`.
-This module and `actors.sampling_params` are the wire format between driver and workers:
-they import nothing above them.
+the KV blocks it gained since the last step (and, when (re)scheduled, its params and, if
+the sampler needs them, the tokens a prefix-cache hit skipped). Workers keep each running
+sequence's block table until the driver says it is finished or preempted. Stage s returns
+a `StageHandoff` that stage s + 1's call for the same step takes as its argument (the
+hidden states themselves go over the PP edge); TP rank 0 of the last stage returns the
+`StepOutput`. This module and `actors.sampling_params` are the wire format between driver
+and workers: they import nothing above them.
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ class SeqStep:
     sample: bool  # False for a prompt chunk that does not reach the end of the prompt
     params: SamplingParams | None = None  # sent when the sequence is (re)scheduled
     output_index: int = 0  # tokens generated so far: seeds the per-token random draw
+    # With params, for a sampler that needs the whole history (penalties, a grammar): the
+    # tokens before start_pos, which a prefix-cache hit means no step ever carries.
+    prefix_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,38 @@ its TP slice of them, and allocates KV blocks only for those layers and its KV h
 import os
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from actors.attention import PagedAttention, build_attention_metadata
 from actors.checkpoint import load_checkpoint
 from actors.comm import ParallelContext, init_parallel
+from actors.grammar import GrammarVocabulary, tokenizer_json
 from actors.model_shape import ModelShape
 from actors.models.llama import LlamaStage
 from actors.sampler import Sampler
+from actors.sampling_state import SequenceStates
 from actors.sharding import layer_partition, stage_layers
 from actors.step_io import RankStats, SampledToken, StageHandoff, StepInput, StepOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplerVocabulary:
+    """What the sampling rank knows of the tokenizer, from the driver that loaded it."""
+
+    eos_token_ids: tuple[int, ...] = ()  # masked until a sequence's min_tokens
+    # The tokenizer as Hugging Face tokenizers JSON, for grammar masks; None: the replica
+    # serves no structured outputs.
+    tokenizer_json: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, tokenizer: Any, eos_token_ids: Iterable[int]) -> "SamplerVocabulary":
+        return cls(tuple(eos_token_ids), tokenizer_json(tokenizer) if tokenizer is not None else None)
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class WorkerSpec:
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     model_name: str = ""  # the served name, a label on the rank's metrics
     tensor_split: tuple[float, ...] | None = None  # TP ranks' weights for heads and MLP columns; None: even
+    vocabulary: SamplerVocabulary = field(default_factory=SamplerVocabulary)
 
 
 @dataclass
@@ -77,8 +96,8 @@ class Worker:
         self.model: LlamaStage | None = None
         self.num_kv_blocks = 0
         self.block_tables: dict[int, list[int]] = {}
-        self.seq_params: dict = {}
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, spec.vocabulary.eos_token_ids)
+        self.sequences = SequenceStates(None)  # the sampling rank's memory of each sequence
         self.steps = 0
         self.forward_seconds = 0.0
 
@@ -105,6 +124,10 @@ class Worker:
                 self.spec.tensor_split,
             ).eval()
         stats = load_checkpoint(self.model, self.spec.model_path)
+        vocabulary = self.spec.vocabulary
+        if self.ctx.is_sampling_rank and vocabulary.tokenizer_json is not None:
+            self.sequences = SequenceStates(
+                GrammarVocabulary(vocabulary.tokenizer_json, self.spec.shape.vocab_size, vocabulary.eos_token_ids))
         return {"weight_bytes": self.weight_bytes(), "bytes_read": stats.bytes_read, "largest_read": stats.largest_read,
                 "seconds": time.perf_counter() - start}
 
@@ -131,6 +154,7 @@ class Worker:
             a.kv_cache = torch.zeros(2, slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
         self.num_kv_blocks = num_blocks
         self.block_tables.clear()
+        self.sequences.release(list(self.sequences.states))
         return num_blocks * self.kv_block_bytes()
 
     # -- steps ---------------------------------------------------------------------------
@@ -150,7 +174,7 @@ class Worker:
         start, waited = time.perf_counter(), self.ctx.pp.stats.p2p_seconds
         for seq_id in step.released:
             self.block_tables.pop(seq_id, None)
-            self.seq_params.pop(seq_id, None)
+        self.sequences.release(step.released)
         tokens = self._run(step) if step.seqs else []  # no sequences: only releases, or a probe
         busy_s = (prev.busy_s if prev else ()) + (time.perf_counter() - start - (self.ctx.pp.stats.p2p_seconds - waited),)
         if not self.ctx.is_last_stage:
@@ -159,7 +183,13 @@ class Worker:
 
     def _run(self, step: StepInput) -> list[SampledToken] | None:
         """Forward this stage's layers over the step's tokens; on the last stage, sample
-        (on TP rank 0: the others return None)."""
+        (on the sampling rank, TP rank 0: the others return None)."""
+        sampled = [s for s in step.seqs if s.sample]
+        masks = None
+        if self.ctx.is_sampling_rank:
+            for s in step.seqs:
+                self.sequences.absorb(s)
+            masks = self.sequences.start_masks(sampled)  # runs beside the forward pass
         batch = self._prepare(step)
         start, p2p_before = time.perf_counter(), self.ctx.tp.stats.p2p_seconds
         try:
@@ -170,21 +200,18 @@ class Worker:
             logits = self.model.compute_logits(hidden[batch.sample_rows])
             if logits is None:  # not TP rank 0: the logits were gathered there
                 return None
-            sampled = [s for s in step.seqs if s.sample]
-            return self.sampler(logits, [self.seq_params[s.seq_id] for s in sampled], [s.output_index for s in sampled])
+            return self.sampler(logits, self.sequences.rows(sampled), masks.result() if masks is not None else None)
         finally:
             self.steps += 1
             self.forward_seconds += time.perf_counter() - start - (self.ctx.tp.stats.p2p_seconds - p2p_before)
 
     def _prepare(self, step: StepInput) -> FlatBatch:
-        """Extend the block tables by the blocks each sequence gained, keep new sampling
-        params, and flatten the sequences' new tokens into one batch."""
+        """Extend the block tables by the blocks each sequence gained and flatten the
+        sequences' new tokens into one batch."""
         batch = FlatBatch()
         for s in step.seqs:
             table = self.block_tables.setdefault(s.seq_id, [])
             table.extend(s.new_blocks)
-            if s.params is not None:
-                self.seq_params[s.seq_id] = s.params
             batch.add(s.token_ids, s.start_pos, table, s.sample)
         return batch
 

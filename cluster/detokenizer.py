@@ -42,16 +42,22 @@ class IncrementalDetokenizer:
         self._held = ""  # decoded text held back because it may start a stop string
         self.stopped = False
 
-    def step(self, new_token_ids: Sequence[int]) -> tuple[str, bool]:
+    def step(self, new_token_ids: Sequence[int], *, check_stop: bool = True) -> tuple[str, bool]:
         """Add the newly generated tokens; return (text safe to emit now, stopped).
 
         Once a stop string is found the completion is over: the text before it is returned
-        with stopped=True, and every later call returns ("", True).
+        with stopped=True, and every later call returns ("", True). With check_stop=False
+        (a completion short of its min_tokens) no stop string is looked for: the text is
+        emitted whole, and later searches start after it.
         """
         if self.stopped:
             return "", True
         self._ids.extend(new_token_ids)
-        return self._release(self._decode_new(final=False), final=False)
+        text = self._decode_new(final=False)
+        if not check_stop:
+            text, self._held = self._held + text, ""
+            return text, False
+        return self._release(text, final=False)
 
     def flush(self) -> str:
         """The held-back text, for a completion that ended for another reason (length, EOS,

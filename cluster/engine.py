@@ -25,7 +25,7 @@ from cluster.engine_client import EngineDeadError, EngineOverloadedError, Engine
 from cluster.executor import Executor
 from cluster.in_flight import InFlight, StageTimes
 from cluster.kv_blocks import BlockManager
-from cluster.metrics import EngineMetrics
+from cluster.metrics import EngineMetrics, render_prometheus
 from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
@@ -96,6 +96,7 @@ class Engine(WorkerReplacement):
         if request_id in self.requests:
             raise ParamError("request_id", f"{request_id!r} is already running")
         params.validate(self.max_model_len, len(prompt_ids))
+        params.check_token_ids(self.vocab_size)
         if len(self.scheduler.waiting) + params.n > self.limits.max_waiting_requests:
             self.metrics.rejected_request("overloaded")
             raise EngineOverloadedError(
@@ -104,6 +105,8 @@ class Engine(WorkerReplacement):
             raise ParamError("max_tokens", why)
         if params.stop and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer; this engine has none")
+        if params.grammar is not None and self.executor.spec.vocabulary.tokenizer_json is None:
+            raise ParamError("grammar", "structured outputs need the tokenizer on the workers; this replica's have none")
         seqs, detoks = [], []
         for i in range(params.n):
             seq_params = replace(params, seed=seed_for_completion(params.seed, i))
@@ -176,6 +179,7 @@ class Engine(WorkerReplacement):
                 sample=seq.num_computed + s.num_tokens == seq.num_tokens,
                 params=seq.params if seq.needs_params else None,
                 output_index=len(seq.output_ids),
+                prefix_ids=seq.tokens[: seq.num_computed] if seq.needs_params and seq.params.needs_history else [],
             ))
             seq.blocks_sent = len(ids)
             seq.needs_params = False
@@ -264,6 +268,15 @@ class Engine(WorkerReplacement):
 
     async def rank_stats(self) -> list[RankStats]:
         return await asyncio.to_thread(self.executor.rank_stats)
+
+    async def prometheus_metrics(self) -> bytes:
+        ranks: list[RankStats] = []
+        if self.dead is None:
+            try:
+                ranks = await self.rank_stats()
+            except Exception:  # noqa: BLE001 - a worker just died: the engine's own series still count
+                ranks = []
+        return render_prometheus(self.metrics, ranks)
 
     def drain(self) -> None:
         self.draining = True

@@ -100,6 +100,10 @@ class EngineClient(Protocol):
         """Every rank's running totals (forward and all-reduce time, memory), mesh order."""
         ...
 
+    async def prometheus_metrics(self) -> bytes:
+        """The engine's and its ranks' metrics in Prometheus text format (`cluster.metrics`)."""
+        ...
+
     def drain(self) -> None:
         """Refuse new requests from now on; running ones finish."""
         ...

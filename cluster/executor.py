@@ -15,6 +15,7 @@ from actors.worker import Worker, WorkerSpec
 
 
 class Executor(Protocol):
+    spec: WorkerSpec  # what every worker was built from
     num_kv_blocks: int
     num_stages: int  # pipeline stages: how many steps the workers can hold at once
 
@@ -47,6 +48,7 @@ class InProcessExecutor:
     def __init__(self, spec: WorkerSpec, num_kv_blocks: int):
         if spec.tp * spec.pp != 1:
             raise ValueError("the in-process executor runs tensor_parallel_size=1, pipeline_parallel_size=1 only")
+        self.spec = spec
         self.worker = Worker(spec, 0, 0)
         self.worker.load()
         self.num_kv_blocks = num_kv_blocks

@@ -47,40 +47,58 @@ so the all-reduce share of a rank is
     rate(ray_tensorfleet_worker_all_reduce_seconds_total[1m])
       / rate(ray_tensorfleet_worker_forward_seconds_total[1m])
 
-Outside a Ray process the metric objects record nothing, so the engine calls them
+Outside a Ray process the Ray metric objects record nothing, so the engine calls them
 unconditionally; where Ray is not installed at all (the engine in one process on a
-one-GPU machine) `_Unexported` stands in for them.
+one-GPU machine) stand-ins take their place.
+
+The same series, under the same names, are also kept in each engine's own Prometheus
+registry and served by the HTTP server's `/metrics` (`render_prometheus`), for whoever
+scrapes the server rather than Ray's agents; the per-rank ones there come from the
+workers' latest `RankStats`, read at scrape time. Each metric is defined once, below
+(rank metrics in `actors.rank_metrics.RANK_METRICS`), and records into both.
 """
 
-class _Unexported:
-    """Ray's Counter, Gauge and Histogram where Ray is not installed: records nothing."""
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def __init__(self, name: str, **options):
-        self.name = name
+from actors.rank_metrics import PREFIX, RANK_LABELS, RANK_METRICS, Counter, Gauge, Histogram, rank_labels
+from actors.step_io import RankStats
 
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
-        pass
-
-    def set(self, value: float, tags: dict[str, str] | None = None) -> None:
-        pass
-
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        pass
-
-
-try:
-    from ray.util.metrics import Counter, Gauge, Histogram
-except ImportError:
-    Counter = Gauge = Histogram = _Unexported
-
-PREFIX = "tensorfleet_"
+RAY_PREFIX = "ray_"  # what Ray's exporter adds; /metrics uses the same names
+# No `_created` series beside each counter and histogram: Ray exports none, and /metrics
+# serves the same catalogue.
+prometheus_client.disable_created_metrics()
 
 _LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 _TOKEN_BUCKETS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 
-def _histogram(name: str, description: str, buckets: list[float], tags: tuple[str, ...]) -> Histogram:
-    return Histogram(PREFIX + name, description=description, boundaries=buckets, tag_keys=tags)
+class _Metric:
+    """One metric, recorded through Ray (for its metrics agents) and into an engine's
+    Prometheus registry (for the HTTP server's /metrics)."""
+
+    def __init__(self, kind: str, name: str, description: str, tags: tuple[str, ...],
+                 registry: prometheus_client.CollectorRegistry, buckets: list[float] | None = None):
+        if kind == "histogram":
+            self.ray = Histogram(PREFIX + name, description=description, boundaries=buckets, tag_keys=tags)
+            self.local = prometheus_client.Histogram(RAY_PREFIX + PREFIX + name, description, tags,
+                                                     registry=registry, buckets=buckets)
+        else:
+            ray_kind, local_kind = (Counter, prometheus_client.Counter) if kind == "counter" else (Gauge, prometheus_client.Gauge)
+            self.ray = ray_kind(PREFIX + name, description=description, tag_keys=tags)
+            self.local = local_kind(RAY_PREFIX + PREFIX + name, description, tags, registry=registry)
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.ray.inc(value, tags=tags)
+        self.local.labels(**tags).inc(value)
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.ray.set(value, tags=tags)
+        self.local.labels(**tags).set(value)
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        self.ray.observe(value, tags=tags)
+        self.local.labels(**tags).observe(value)
 
 
 class EngineMetrics:
@@ -88,35 +106,43 @@ class EngineMetrics:
 
     def __init__(self, model_name: str):
         tags = ("model_name",)
+        self.model_name = model_name
         self._tags = {"model_name": model_name}
-        h = _histogram
-        self.ttft = h("time_to_first_token_seconds", "Request arrival to its first token", _LATENCY_BUCKETS, tags)
-        self.itl = h("inter_token_latency_seconds", "Time between two tokens of one completion", _LATENCY_BUCKETS, tags)
-        self.e2e = h("e2e_request_latency_seconds", "Request arrival to its last token", _LATENCY_BUCKETS, tags)
-        self.queue = h("request_queue_time_seconds", "Request arrival to its first scheduled step", _LATENCY_BUCKETS, tags)
-        self.prompt_len = h("request_prompt_tokens", "Prompt tokens per finished request", _TOKEN_BUCKETS, tags)
-        self.gen_len = h("request_generation_tokens", "Generated tokens per finished request", _TOKEN_BUCKETS, tags)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", description="Prompt tokens prefilled", tag_keys=tags)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", description="Tokens sampled", tag_keys=tags)
-        self.finished = Counter(PREFIX + "requests_finished", description="Finished requests by finish reason",
-                                tag_keys=tags + ("finish_reason",))
-        self.rejected = Counter(PREFIX + "requests_rejected", description="Requests refused before queueing",
-                                tag_keys=tags + ("reason",))
-        self.preemptions = Counter(PREFIX + "preemptions", description="Sequences preempted for KV blocks", tag_keys=tags)
-        self.cache_queries = Counter(PREFIX + "prefix_cache_queries", description="Prompt tokens looked up in the prefix cache", tag_keys=tags)
-        self.cache_hits = Counter(PREFIX + "prefix_cache_hits", description="Prompt tokens found in the prefix cache", tag_keys=tags)
-        self.restarts = Counter(PREFIX + "replica_restarts", description="Worker rebuilds after a failure", tag_keys=tags)
-        self.resumed_requests = Counter(PREFIX + "requests_resumed", tag_keys=tags + ("cause",),
-                                        description="Requests resumed on new workers (after a failure or a re-layout)")
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+
+        def h(name: str, description: str, buckets: list[float]) -> _Metric:
+            return _Metric("histogram", name, description, tags, self.registry, buckets)
+
+        def counter(name: str, description: str, labels: tuple[str, ...] = ()) -> _Metric:
+            return _Metric("counter", name, description, tags + labels, self.registry)
+
+        def gauge(name: str, description: str) -> _Metric:
+            return _Metric("gauge", name, description, tags, self.registry)
+
+        self.ttft = h("time_to_first_token_seconds", "Request arrival to its first token", _LATENCY_BUCKETS)
+        self.itl = h("inter_token_latency_seconds", "Time between two tokens of one completion", _LATENCY_BUCKETS)
+        self.e2e = h("e2e_request_latency_seconds", "Request arrival to its last token", _LATENCY_BUCKETS)
+        self.queue = h("request_queue_time_seconds", "Request arrival to its first scheduled step", _LATENCY_BUCKETS)
+        self.prompt_len = h("request_prompt_tokens", "Prompt tokens per finished request", _TOKEN_BUCKETS)
+        self.gen_len = h("request_generation_tokens", "Generated tokens per finished request", _TOKEN_BUCKETS)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled")
+        self.generation_tokens = counter("generation_tokens", "Tokens sampled")
+        self.finished = counter("requests_finished", "Finished requests by finish reason", ("finish_reason",))
+        self.rejected = counter("requests_rejected", "Requests refused before queueing", ("reason",))
+        self.preemptions = counter("preemptions", "Sequences preempted for KV blocks")
+        self.cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.restarts = counter("replica_restarts", "Worker rebuilds after a failure")
+        self.resumed_requests = counter("requests_resumed", "Requests resumed on new workers (after a failure or a "
+                                        "re-layout)", ("cause",))
         self.resume_wait = h("resume_wait_seconds", "A request's interruption (worker failure or re-layout) to its "
-                             "next token", _LATENCY_BUCKETS, tags)
-        self.running = Gauge(PREFIX + "requests_running", description="Sequences in the running batch", tag_keys=tags)
-        self.waiting = Gauge(PREFIX + "requests_waiting", description="Sequences waiting to be scheduled", tag_keys=tags)
-        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_ratio", description="Used share of the KV blocks", tag_keys=tags)
-        self.stage_busy_seconds = Counter(PREFIX + "stage_busy_seconds", tag_keys=tags + ("stage",),
-                                          description="Time a pipeline stage worked on steps")
-        self.stage_bubble_seconds = Counter(PREFIX + "stage_bubble_seconds", tag_keys=tags + ("stage",),
-                                            description="Time a pipeline stage idled while the engine had work")
+                             "next token", _LATENCY_BUCKETS)
+        self.running = gauge("requests_running", "Sequences in the running batch")
+        self.waiting = gauge("requests_waiting", "Sequences waiting to be scheduled")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Used share of the KV blocks")
+        self.stage_busy_seconds = counter("stage_busy_seconds", "Time a pipeline stage worked on steps", ("stage",))
+        self.stage_bubble_seconds = counter("stage_bubble_seconds", "Time a pipeline stage idled while the engine had "
+                                            "work", ("stage",))
 
         # scheduler and prefix-cache totals already exported, to export only what is new
         self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
@@ -168,9 +194,9 @@ class EngineMetrics:
     def scheduler_state(self, running: int, waiting: int, kv_usage: float,
                         preemptions: int, cache_queries: int, cache_hits: int) -> None:
         """Gauges now, and counters from the scheduler's and block manager's running totals."""
-        self.running.set(running, tags=self._tags)
-        self.waiting.set(waiting, tags=self._tags)
-        self.kv_usage.set(kv_usage, tags=self._tags)
+        self.running.set(running, self._tags)
+        self.waiting.set(waiting, self._tags)
+        self.kv_usage.set(kv_usage, self._tags)
         for key, counter, total in (("preemptions", self.preemptions, preemptions),
                                     ("queries", self.cache_queries, cache_queries),
                                     ("hits", self.cache_hits, cache_hits)):
@@ -178,9 +204,33 @@ class EngineMetrics:
             self._inc(counter, total - self._seen[key] if total >= self._seen[key] else total)
             self._seen[key] = total
 
-    def _observe(self, histogram: Histogram, value: float) -> None:
-        histogram.observe(value, tags=self._tags)
+    def _observe(self, histogram: _Metric, value: float) -> None:
+        histogram.observe(value, self._tags)
 
-    def _inc(self, counter: Counter, value: float, **labels: str) -> None:
+    def _inc(self, counter: _Metric, value: float, **labels: str) -> None:
         if value > 0:
-            counter.inc(value, tags={**self._tags, **labels})
+            counter.inc(value, {**self._tags, **labels})
+
+
+def render_prometheus(metrics: EngineMetrics, ranks: list[RankStats]) -> bytes:
+    """Prometheus text format: the engine's series, then each rank's from its `RankStats`."""
+    families = []
+    for m in RANK_METRICS:
+        family = (CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily)(
+            RAY_PREFIX + PREFIX + m.name, m.description, labels=list(RANK_LABELS))
+        for stats in ranks:
+            family.add_metric(list(rank_labels(metrics.model_name, stats).values()), getattr(stats, m.field))
+        families.append(family)
+    ranks_registry = prometheus_client.CollectorRegistry(auto_describe=False)
+    ranks_registry.register(_Families(families))
+    return prometheus_client.generate_latest(metrics.registry) + prometheus_client.generate_latest(ranks_registry)
+
+
+class _Families:
+    """A prometheus_client collector of ready-made metric families."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families

@@ -3,7 +3,8 @@
 For every sequence that sampled a token this step, in order:
 1. append the token;
 2. decide whether the completion ends: EOS (unless ignore_eos), a stop token, max_tokens,
-   or the context limit; a stop string found by the detokenizer also ends it;
+   or the context limit; a stop string found by the detokenizer also ends it, once
+   min_tokens were generated (the sampler keeps EOS and stop tokens out until then);
 3. detokenize incrementally (never a broken character, stop strings cut off), flushing the
    held-back text when the completion ends for another reason;
 4. finish ended sequences at once, so their KV blocks are free for the next schedule;
@@ -107,7 +108,8 @@ class OutputProcessor:
         reason = self._stop_reason(seq, token.token_id)
         text = ""
         if detok is not None:
-            text, hit_stop_string = detok.step([token.token_id])
+            text, hit_stop_string = detok.step([token.token_id],
+                                               check_stop=len(seq.output_ids) >= seq.params.min_tokens)
             if hit_stop_string:
                 reason = "stop"
             elif reason is not None:

@@ -16,7 +16,7 @@ resume every request on the new ones. A refusal raises `LayoutRefused` and chang
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -70,6 +70,7 @@ def plan_layout(engine: Engine, cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpe
     """Steps 2-4 above for `cfg` on this engine's cluster; its plan, or `LayoutRefused`."""
     try:
         plan, spec = plan_replica(cfg)
+        spec = replace(spec, vocabulary=engine.executor.spec.vocabulary)  # the same tokenizer
         if isinstance(engine.executor, InProcessExecutor):  # an engine without Ray
             if plan.gpus > 1:
                 raise LayoutRefused(f"tp={plan.tp} x pp={plan.pp} needs Ray; this engine runs without it")

@@ -6,13 +6,13 @@ back a ready `Engine`.
 import functools
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 from transformers import AutoTokenizer
 
 from actors.checkpoint import Checkpoint, open_checkpoint
-from actors.worker import WorkerSpec
+from actors.worker import SamplerVocabulary, WorkerSpec
 from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
 from cluster.engine import Engine, EngineLimits
 from cluster.executor import Executor, InProcessExecutor
@@ -134,12 +134,12 @@ def engine_limits(cfg: TensorfleetConfig) -> EngineLimits:
 def build_engine(cfg: TensorfleetConfig, log: Callable[[str], None] = print) -> Engine:
     plan, spec = plan_replica(cfg)
     checkpoint = open_checkpoint(spec.model_path)
-    with ThreadPoolExecutor(1) as background:  # the tokenizer loads (seconds for a GGUF) while workers start
-        tokenizer = background.submit(load_tokenizer, checkpoint, log)
-        executor = build_executor(cfg, plan, spec, log)
-        tokenizer = tokenizer.result()
+    tokenizer = load_tokenizer(checkpoint, log)
+    eos = eos_token_ids(checkpoint, tokenizer)
+    spec = replace(spec, vocabulary=SamplerVocabulary.of(tokenizer, eos))  # the sampling rank's EOS and grammar vocabulary
+    executor = build_executor(cfg, plan, spec, log)
     log(f"engine ready: {executor.num_kv_blocks} KV blocks of {cfg.engine.block_size} tokens")
     return Engine(executor, engine_limits(cfg), model_name=cfg.served_model_name, vocab_size=plan.shape.vocab_size,
                   tokenizer=tokenizer,
-                  eos_token_ids=eos_token_ids(checkpoint, tokenizer),
+                  eos_token_ids=eos,
                   rebuild=lambda: build_executor(cfg, plan, spec, log))

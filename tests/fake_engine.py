@@ -27,6 +27,7 @@ from cluster.engine_client import (
     TokenLogprob,
     Usage,
 )
+from cluster.metrics import EngineMetrics, render_prometheus
 
 CORPUS = [
     "Hello world, this is a test of the tensorfleet serving cluster.",
@@ -105,6 +106,7 @@ class FakeEngine:
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: set[str] = set()
         self.draining = False
+        self.metrics = EngineMetrics(self.model_name)  # records nothing by itself
 
     def reply_ids(self, rotation: int) -> list[int]:
         r = rotation % len(self.reply_words)
@@ -194,6 +196,9 @@ class FakeEngine:
 
     async def rank_stats(self) -> list[RankStats]:
         return []
+
+    async def prometheus_metrics(self) -> bytes:
+        return render_prometheus(self.metrics, [])
 
     def drain(self) -> None:
         self.draining = True

@@ -22,6 +22,9 @@ MODEL = "fake-model"
 API_KEY = "sk-test-key"
 REPLY = "Hello world! 🌍 The quick brown fox says 你好 to the lazy dog."
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
 @pytest.fixture
@@ -152,10 +155,28 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": list(range(300))}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 10**6]}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3, 10**6]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["Hi"] * 129}, 400, "prompt"),
     ("/v1/completions", {"prompt": {"text": "Hi"}}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "Hi", "echo": True}, 400, "echo"),
-    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "Hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "Hi", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "Hi", "min_tokens": 20, "max_tokens": 10}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": float("nan")}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": float("inf")}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"5": float("-inf")}}, 400, "logit_bias.5"),
+    ("/v1/completions", {"prompt": "Hi", "guided_json": {"minimum": float("nan")}}, 400, "guided_json.minimum"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"100000": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"fox": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "guided_json": {"type": "strng"}}, 400, "guided_json"),
+    ("/v1/completions", {"prompt": "Hi", "guided_json": "{not json"}, 400, "guided_json"),
+    ("/v1/completions", {"prompt": "Hi", "guided_regex": "(["}, 400, "guided_regex"),
+    ("/v1/completions", {"prompt": "Hi", "guided_choice": []}, 400, "guided_choice"),
+    ("/v1/completions", {"prompt": "Hi", "guided_regex": "a+", "guided_choice": ["a"]}, 400, "guided_choice"),
     ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 10**9, "stream": True}, 400, "n"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, "logprobs"),
@@ -172,7 +193,24 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * 300}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER_TOOL],
+                              "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER_TOOL, WEATHER_TOOL]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}}]}, 400,
+     "tools.0.function.parameters"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema"}}, 400,
+     "response_format.json_schema"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "required": 5}}}}, 400, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": None}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": CHAT, "seed": 1, "temperature": float("-inf")}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-9", "stream": True}, 404, "model"),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": -1, "stream": True}, 400, "temperature"),
 ]
@@ -182,7 +220,9 @@ BAD_REQUESTS = [
 def test_bad_requests_never_reach_the_engine(
     client: TestClient, engine: FakeEngine, path: str, body: dict, status: int, param: str
 ):
-    assert_error(client.post(path, json=body), status, param)
+    # json.dumps writes NaN and Infinity as Python's json module reads them (httpx refuses to)
+    r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert_error(r, status, param)
     assert engine.requests == []
 
 

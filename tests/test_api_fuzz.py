@@ -30,9 +30,9 @@ MAX_MODEL_LEN = 128
 
 @pytest.fixture(scope="module")
 def app(chat_model_dir):
-    spec = worker_spec(chat_model_dir, max_model_len=MAX_MODEL_LEN, block_size=16)
-    executor = InProcessExecutor(spec, 64)
     tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    spec = worker_spec(chat_model_dir, max_model_len=MAX_MODEL_LEN, block_size=16, tokenizer=tok)
+    executor = InProcessExecutor(spec, 64)
     engine = Engine(executor, EngineLimits(MAX_MODEL_LEN, 8, 256, 16, True, 64), model_name=MODEL,
                     vocab_size=executor.worker.spec.shape.vocab_size, tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
     yield build_api(engine, served_model_name=MODEL, max_body_bytes=64 * 1024)

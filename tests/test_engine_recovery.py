@@ -84,7 +84,9 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-SEEDED = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, seed=77, ignore_eos=True)
+# seeded, and penalized: the sampling rank's token counts are rebuilt on the new workers
+SEEDED = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, seed=77, ignore_eos=True,
+                        frequency_penalty=0.5, repetition_penalty=1.2)
 
 
 async def test_failed_step_resumes_every_request_with_exact_tokens(tiny):

@@ -18,7 +18,7 @@ from transformers import (
 
 from actors.checkpoint import open_checkpoint
 from actors.model_shape import ModelShape
-from actors.worker import WorkerSpec
+from actors.worker import SamplerVocabulary, WorkerSpec
 
 COMMON = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-5)
 
@@ -76,12 +76,14 @@ def save_tiny(config, directory: Path, seed: int = 0):
 
 def worker_spec(path: Path, tp: int = 1, pp: int = 1, partition: list[int] | None = None, *,
                 max_model_len: int = 256, block_size: int = 8, dtype: str = "float32",
-                tensor_split: tuple[float, ...] | None = None) -> WorkerSpec:
+                tensor_split: tuple[float, ...] | None = None, tokenizer=None) -> WorkerSpec:
     """What a CPU worker of the checkpoint at `path` (a folder or a .gguf file) needs, as a
-    replica would say it."""
+    replica would say it (with a tokenizer: its EOS and, for grammars, its vocabulary)."""
     checkpoint = open_checkpoint(path)
+    vocabulary = SamplerVocabulary.of(tokenizer, [tokenizer.eos_token_id]) if tokenizer is not None else SamplerVocabulary()
     return WorkerSpec(str(checkpoint.path), checkpoint.shape, tp, pp, partition, dtype, "cpu",
-                      max_model_len=max_model_len, block_size=block_size, tensor_split=tensor_split)
+                      max_model_len=max_model_len, block_size=block_size, tensor_split=tensor_split,
+                      vocabulary=vocabulary)
 
 
 def tiny_shape(config) -> ModelShape:

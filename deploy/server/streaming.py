@@ -5,7 +5,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -22,20 +22,51 @@ T = TypeVar("T")
 
 
 async def engine_outputs(
-    engine: EngineClient, request_id: str, prompt_ids: list[int], params: SamplingParams
+    engine: EngineClient, request_id: str, prompts: list[list[int]], params: SamplingParams
 ) -> AsyncGenerator[RequestOutput, None]:
-    """The engine's outputs for one request; closing this early aborts the request."""
-    outputs = engine.generate(request_id, prompt_ids, params)
-    finished = False
+    """The engine's outputs for a request of one or more prompts, as one request: prompt i
+    runs as its own engine request, its completion j becomes choice i * n + j (OpenAI's
+    numbering), `finished` means every prompt finished, usage sums them. Closing this early,
+    or a failure of any prompt, aborts them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+
+    async def pump(i: int) -> None:
+        outputs, finished = None, False
+        try:
+            outputs = engine.generate(ids[i], prompts[i], params)
+            async for out in outputs:
+                finished = out.finished
+                queue.put_nowait((i, out))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((i, exc))
+        finally:
+            if not finished:
+                await asyncio.shield(engine.abort(ids[i]))
+            if hasattr(outputs, "aclose"):
+                await outputs.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prompts))]
+    usage = [Usage(0, 0)] * len(prompts)
+    running = len(prompts)
     try:
-        async for out in outputs:
-            finished = out.finished
-            yield out
+        while running:
+            i, out = await queue.get()
+            if isinstance(out, Exception):
+                raise out
+            usage[i] = out.usage
+            running -= out.finished
+            yield RequestOutput(request_id, [replace(d, index=i * params.n + d.index) for d in out.deltas],
+                                running == 0, _sum(usage))
     finally:
-        if not finished:
-            await asyncio.shield(engine.abort(request_id))
-        if hasattr(outputs, "aclose"):
-            await outputs.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sum(usage: list[Usage]) -> Usage:
+    return Usage(sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage),
+                 sum(u.cached_prompt_tokens for u in usage))
 
 
 @dataclass
