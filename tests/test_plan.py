@@ -265,9 +265,9 @@ def test_smollm2_pipeline_gives_the_last_stage_fewer_layers(smollm2_dir):
     shape = ModelShape.from_dir(smollm2_dir)
     assert lm_head_layers(shape) == pytest.approx(4.0, abs=0.01)
     p = plan(shape=shape, tp=1, pp=2, max_model_len=2048)
-    assert [s.layers for s in p.stages] == [range(0, 17), range(17, 30)]
+    assert [s.layers for s in p.stages] == [range(17), range(17, 30)]
     assert [s.layers for s in plan(shape=shape, pp=2, partition=[15, 15], max_model_len=2048).stages] == [
-        range(0, 15), range(15, 30)]
+        range(15), range(15, 30)]
 
 
 def test_cli_smollm2_tp2_uneven_heads(tmp_path, smollm2_dir, capsys):

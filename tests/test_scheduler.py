@@ -134,19 +134,6 @@ def expected_output(seq: Sequence) -> list[int]:
     return [token_at(seq.seq_id, len(seq.prompt_ids) + i) for i in range(seq.params.max_tokens)]
 
 
-def run_step(scheduler: Scheduler) -> list[ScheduledSeq]:
-    """Schedule, "run" (sample where a chunk reaches the end), update, append and finish at
-    max_tokens: what the engine's step does around the scheduler."""
-    batch = scheduler.schedule()
-    tokens = [SampledToken(token_at(s.seq.seq_id, s.seq.num_tokens)) for s in batch
-              if s.seq.num_computed + s.num_tokens == s.seq.num_tokens]
-    for seq, token in scheduler.update(batch, tokens):
-        seq.output_ids.append(token.token_id)
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            scheduler.finish(seq, "length")
-    return batch
-
-
 def finish_step(scheduler: Scheduler, batch: list[ScheduledSeq]) -> None:
     """A batch comes back: sample where a chunk reached the end, update, append, finish at
     max_tokens."""
