@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from actors.shm_allreduce import ShmAllReduce, open_shm_all_reduce
 
-
 # Sends a stage may have under way: more steps than stages are never in flight, so this
 # bound is reached only when the next stage stopped receiving (then the wait has a deadline).
 MAX_SENDS_IN_FLIGHT = 8
