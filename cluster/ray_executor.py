@@ -6,8 +6,8 @@ KV cache the plan sized. Every wait has a deadline, so a dead or stuck worker be
 error, not a hang.
 
 A step goes down the pipeline as the mesh says: TP rank i of stage s + 1 is called with
-what TP rank i of stage s returned for the same step (a `StageHandoff`), so it starts once
-that call is done; the hidden states themselves travel over the PP edge (torch.distributed:
+what TP rank i of stage s returns for the same step (a `StageHandoff`, passed by reference:
+see `actors.ray_worker`), and fetches it before its forward; the hidden states themselves travel over the PP edge (torch.distributed:
 NCCL, or gloo on CPU), sent before the handoff returns. TP rank 0 of the last stage,
 `workers[-1][0]`, returns the sampled tokens. Up to pp steps are in flight: stage s works
 on one while stage s + 1 works on the one before. The driver awaits the last stage's
@@ -98,7 +98,8 @@ class RayExecutor:
         calls; an error upstream reaches them through their arguments."""
         handoffs = [None] * self.spec.tp
         for stage in self.workers:
-            handoffs = [worker.step.remote(step, prev) for worker, prev in zip(stage, handoffs)]
+            handoffs = [worker.step.remote(step, [prev] if prev is not None else None)  # nested: see RayWorker
+                        for worker, prev in zip(stage, handoffs)]
         self._newest = asyncio.ensure_future(self._output(step.step_id, handoffs, self._newest))
         return self._newest
 

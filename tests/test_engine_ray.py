@@ -113,7 +113,7 @@ HEALTH_CHECK_TIMEOUT_S = 0.5
 class SlowWorker(RayWorker):
     """A worker whose every step takes SLOW_STEP_S longer, as a large prefill would."""
 
-    def step(self, step: StepInput, prev: StageHandoff | None = None) -> StageHandoff | StepOutput | None:
+    def step(self, step: StepInput, prev=None) -> StageHandoff | StepOutput | None:
         time.sleep(SLOW_STEP_S)
         return super().step(step, prev)
 
