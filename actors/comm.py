@@ -126,6 +126,14 @@ class PipelineEdges:
         self.sending.append((dist.isend(x, dst=self.next_rank), x))
         self.stats.p2p_seconds += time.perf_counter() - start
 
+    def finish_sends(self) -> None:
+        """Wait until every send under way has been received (before a caller may tear the
+        process group down: a send cut short fails the receiver)."""
+        start = time.perf_counter()
+        while self.sending:
+            self.sending.popleft()[0].wait()
+        self.stats.p2p_seconds += time.perf_counter() - start
+
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         assert self.prev_rank is not None, "the first stage has no previous stage"
         start = time.perf_counter()

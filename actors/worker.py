@@ -245,6 +245,7 @@ class Worker:
         hidden = self._forward(batch)
         if not self.ctx.is_last_stage:
             self.ctx.pp.send_next(hidden)
+            self.ctx.pp.finish_sends()  # a one-off call: its caller may stop the ranks next
             return None
         logits = self.model.compute_logits(hidden)
         return list(logits.cpu().split(batch.query_lens)) if logits is not None else None
