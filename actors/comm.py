@@ -14,6 +14,7 @@ which is what lets tp=1 run in-process without Ray.
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
@@ -22,6 +23,10 @@ import torch
 import torch.distributed as dist
 
 from actors.shm_allreduce import ShmAllReduce, open_shm_all_reduce
+
+# Sends a stage may have under way: more steps than stages are never in flight, so this
+# bound is reached only when the next stage stopped receiving (then the wait has a deadline).
+MAX_SENDS_IN_FLIGHT = 8
 
 
 def rank_mesh(tp: int, pp: int) -> list[list[int]]:
@@ -101,16 +106,32 @@ def gather_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor | None:
 
 @dataclass
 class PipelineEdges:
-    """Point-to-point links of one rank to the same TP rank of the adjacent stages."""
+    """Point-to-point links of one rank to the same TP rank of the adjacent stages.
+
+    A send only starts the transfer and returns: the next stage's call for the step begins
+    once this stage's has returned (the driver chains them), so a send that waited for its
+    receiver would wait forever. The tensor is held until its send completes."""
 
     prev_rank: int | None  # global rank feeding this stage, None on the first stage
     next_rank: int | None  # global rank this stage feeds, None on the last stage
     stats: CommStats
+    sending: deque[tuple[dist.Work, torch.Tensor]] = field(default_factory=deque)
 
     def send_next(self, x: torch.Tensor) -> None:
         assert self.next_rank is not None, "the last stage has no next stage"
         start = time.perf_counter()
-        dist.send(x.contiguous(), dst=self.next_rank)
+        while self.sending and (self.sending[0][0].is_completed() or len(self.sending) >= MAX_SENDS_IN_FLIGHT):
+            self.sending.popleft()[0].wait()  # raises if that transfer failed
+        x = x.contiguous()
+        self.sending.append((dist.isend(x, dst=self.next_rank), x))
+        self.stats.p2p_seconds += time.perf_counter() - start
+
+    def finish_sends(self) -> None:
+        """Wait until every send under way has been received (before a caller may tear the
+        process group down: a send cut short fails the receiver)."""
+        start = time.perf_counter()
+        while self.sending:
+            self.sending.popleft()[0].wait()
         self.stats.p2p_seconds += time.perf_counter() - start
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

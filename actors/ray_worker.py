@@ -7,6 +7,11 @@ plain `Worker`'s, which tests drive without Ray.
 A busy worker is not a dead one: `ping` runs in its own concurrency group (its own thread),
 so it answers while a long step runs; the steps keep the default group's single thread, in
 the order they were sent. Only the step deadline judges a slow step.
+
+A stage's step takes the previous stage's handoff as a reference inside a list, fetched by
+the step itself: Ray passes a nested reference as is, where it would hold a call back until
+a top-level reference argument is ready, and the calls sent after it (the pings) with it:
+a long step on stage 0 would then look like a dead stage 1.
 """
 
 import os
@@ -16,7 +21,7 @@ import ray
 
 from actors.net_interface import bind_collectives_to_node_interface
 from actors.rank_metrics import RankMetrics
-from actors.step_io import StepInput, StepOutput
+from actors.step_io import StageHandoff, StepInput, StepOutput
 from actors.worker import Worker, WorkerSpec
 
 METRICS_EXPORT_INTERVAL_S = 1.0
@@ -38,8 +43,12 @@ class RayWorker(Worker):
         self.metrics.record(self.rank_stats())
         return allocated
 
-    def step(self, step: StepInput) -> StepOutput | None:
-        out = super().step(step)
+    def step(self, step: StepInput, prev: list[ray.ObjectRef] | StageHandoff | None = None,
+             ) -> StageHandoff | StepOutput | None:
+        """`prev`: [the previous stage's handoff, as a reference] (see the module docstring)."""
+        if isinstance(prev, list):
+            prev = ray.get(prev[0])  # an upstream failure raises here and fails this call too
+        out = super().step(step, prev)
         if (now := time.monotonic()) - self._last_export >= METRICS_EXPORT_INTERVAL_S:
             self._last_export = now
             self.metrics.record(self.rank_stats())

@@ -21,8 +21,10 @@ Conventions, for tp ranks with weights w_i (all equal by default):
 - The vocabulary is padded to a multiple of 64 * tp so any tp works and each shard is
   64-aligned; padded rows are never sampled (their logits are cut before sampling).
   Vocabulary shards are always even (tensor_split does not apply).
-- Layers are split over pipeline stages as evenly as possible, extra layers going to
-  the earliest stages, unless the user gives an explicit partition.
+- Layers are split over pipeline stages so that the busiest stage has as little work as
+  possible, the last stage's LM head counted as `head_layers` layers (the planner's
+  estimate), extra layers going to the earliest stages, unless the user gives an explicit
+  partition. With head_layers=0 this is the plain even split.
 """
 
 import math
@@ -175,8 +177,11 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def layer_partition(num_layers: int, pp: int, explicit: list[int] | None = None) -> list[int]:
-    """Layers per stage: `explicit` checked, or as even as possible (extras to early stages)."""
+def layer_partition(num_layers: int, pp: int, explicit: list[int] | None = None, head_layers: float = 0.0) -> list[int]:
+    """Layers per stage: `explicit` checked, or balanced: the last stage takes n layers
+    plus the LM head (worth `head_layers` layers), the others share the rest as evenly as
+    possible (extras to early stages), n making the busiest stage's work least, then the
+    spread between stages, then n itself."""
     if pp < 1 or pp > num_layers:
         raise ShardingError(
             f"pipeline_parallel_size={pp} must be between 1 and num_hidden_layers={num_layers}"
@@ -188,7 +193,17 @@ def layer_partition(num_layers: int, pp: int, explicit: list[int] | None = None)
                 f"each >= 1, summing to num_hidden_layers={num_layers}"
             )
         return list(explicit)
-    return split_sizes(num_layers, pp)
+    if pp == 1:
+        return [num_layers]
+
+    def split(last: int) -> list[int]:
+        return [*split_sizes(num_layers - last, pp - 1), last]
+
+    def cost(last: int) -> tuple[float, float, int]:
+        work = split(last)[:-1] + [last + head_layers]
+        return max(work), max(work) - min(work), last
+
+    return split(min(range(1, num_layers - pp + 2), key=cost))
 
 
 def stage_layers(partition: list[int], stage: int) -> range:

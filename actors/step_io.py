@@ -1,11 +1,14 @@
-"""What the driver sends to every worker for one step, and what comes back.
+"""What the driver sends to every worker for one step, what a stage hands the next, and
+what comes back.
 
 Compact by design: a sequence brings only its new token ids, its first new position and
 the KV blocks it gained since the last step (and, when (re)scheduled, its params and, if
 the sampler needs them, the tokens a prefix-cache hit skipped). Workers keep each running
-sequence's block table until the driver says it is finished or preempted. This module and
-`actors.sampling_params` are the wire format between driver and workers: they import
-nothing above them.
+sequence's block table until the driver says it is finished or preempted. Stage s returns
+a `StageHandoff` that stage s + 1's call for the same step takes as its argument (the
+hidden states themselves go over the PP edge); TP rank 0 of the last stage returns the
+`StepOutput`. This module and `actors.sampling_params` are the wire format between driver
+and workers: they import nothing above them.
 """
 
 from dataclasses import dataclass, field
@@ -35,6 +38,16 @@ class StepInput:
 
 
 @dataclass(frozen=True)
+class StageHandoff:
+    """Stage s is done with step `step_id`: its hidden states are on their way to stage
+    s + 1 over the PP edge. `busy_s` carries how long each stage so far worked on the step
+    (its TP rank of this column of the mesh), stage 0 first."""
+
+    step_id: int
+    busy_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class SampledToken:
     token_id: int
     logprob: float | None = None
@@ -45,6 +58,7 @@ class SampledToken:
 class StepOutput:
     step_id: int
     tokens: list[SampledToken]  # one per sequence with sample=True, in StepInput order
+    stage_busy_s: tuple[float, ...] = ()  # seconds each stage worked on this step, stage 0 first
 
 
 @dataclass(frozen=True)

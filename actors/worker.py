@@ -1,7 +1,7 @@
 """One GPU's worth of the model: a plain object the Ray actor wraps (and tests drive directly).
 
 The driver talks to it through a handful of named calls, in order:
-    init_groups(init_method) -> load() -> allocate_kv(num_blocks) -> step(StepInput) ...
+    init_groups(init_method) -> load() -> allocate_kv(num_blocks) -> step(StepInput[, handoff]) ...
 A worker sits at (stage, tp_rank) of the mesh; it builds only its stage's layers and only
 its TP slice of them, and allocates KV blocks only for those layers and its KV heads.
 """
@@ -24,7 +24,7 @@ from actors.models.llama import LlamaStage
 from actors.sampler import Sampler
 from actors.sampling_state import SequenceStates
 from actors.sharding import layer_partition, stage_layers
-from actors.step_io import RankStats, StepInput, StepOutput
+from actors.step_io import RankStats, SampledToken, StageHandoff, StepInput, StepOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +61,27 @@ class WorkerSpec:
     model_name: str = ""  # the served name, a label on the rank's metrics
     tensor_split: tuple[float, ...] | None = None  # TP ranks' weights for heads and MLP columns; None: even
     vocabulary: SamplerVocabulary = field(default_factory=SamplerVocabulary)
+
+
+@dataclass
+class FlatBatch:
+    """A step's sequences flattened into one row per new token."""
+
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)  # new tokens per sequence
+    context_lens: list[int] = field(default_factory=list)  # tokens in the KV cache after this step
+    tables: list[list[int]] = field(default_factory=list)  # block table per sequence
+    sample_rows: list[int] = field(default_factory=list)  # row of the last token of each sampling sequence
+
+    def add(self, token_ids: list[int], start_pos: int, table: list[int], sample: bool) -> None:
+        self.token_ids += token_ids
+        self.positions += range(start_pos, start_pos + len(token_ids))
+        self.query_lens.append(len(token_ids))
+        self.context_lens.append(start_pos + len(token_ids))
+        self.tables.append(table)
+        if sample:
+            self.sample_rows.append(len(self.token_ids) - 1)
 
 
 class Worker:
@@ -139,52 +160,70 @@ class Worker:
     # -- steps ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, step: StepInput) -> StepOutput | None:
-        """Run one step; TP rank 0 of the last stage returns the sampled tokens."""
+    def step(self, step: StepInput, prev: StageHandoff | None = None) -> StageHandoff | StepOutput | None:
+        """This stage's part of one step: batch = prepare(step), hidden = forward(batch),
+        then hand the hidden states to the next stage, or sample.
+
+        Stage s > 0 is called with stage s - 1's handoff for the same step, once that stage
+        has returned it: the hidden states are then already on their way over the PP edge.
+        A stage before the last returns the handoff for the next; TP rank 0 of the last
+        stage returns the sampled tokens, its other ranks None. Either carries how long each
+        stage worked on the step (waiting for the previous stage's tensors excluded)."""
+        if prev is not None and prev.step_id != step.step_id:
+            raise RuntimeError(f"stage {self.stage} got step {step.step_id} with the handoff of step {prev.step_id}")
+        start, waited = time.perf_counter(), self.ctx.pp.stats.p2p_seconds
         for seq_id in step.released:
             self.block_tables.pop(seq_id, None)
         self.sequences.release(step.released)
-        if not step.seqs:  # only releases (or a control-overhead probe): no forward
-            return StepOutput(step.step_id, [])
+        tokens = self._run(step) if step.seqs else []  # no sequences: only releases, or a probe
+        busy_s = (prev.busy_s if prev else ()) + (time.perf_counter() - start - (self.ctx.pp.stats.p2p_seconds - waited),)
+        if not self.ctx.is_last_stage:
+            return StageHandoff(step.step_id, busy_s)
+        return StepOutput(step.step_id, tokens, busy_s) if tokens is not None else None
+
+    def _run(self, step: StepInput) -> list[SampledToken] | None:
+        """Forward this stage's layers over the step's tokens; on the last stage, sample
+        (on the sampling rank, TP rank 0: the others return None)."""
         sampled = [s for s in step.seqs if s.sample]
         masks = None
         if self.ctx.is_sampling_rank:
             for s in step.seqs:
                 self.sequences.absorb(s)
             masks = self.sequences.start_masks(sampled)  # runs beside the forward pass
-        token_ids, positions, query_lens, context_lens, tables, sample_rows = [], [], [], [], [], []
-        for s in step.seqs:
-            table = self.block_tables.setdefault(s.seq_id, [])
-            table.extend(s.new_blocks)
-            token_ids += s.token_ids
-            positions += range(s.start_pos, s.start_pos + len(s.token_ids))
-            query_lens.append(len(s.token_ids))
-            context_lens.append(s.start_pos + len(s.token_ids))
-            tables.append(table)
-            if s.sample:
-                sample_rows.append(len(token_ids) - 1)
+        batch = self._prepare(step)
         start, p2p_before = time.perf_counter(), self.ctx.tp.stats.p2p_seconds
         try:
-            hidden = self._forward(token_ids, positions, query_lens, context_lens, tables)
+            hidden = self._forward(batch)
             if not self.ctx.is_last_stage:
                 self.ctx.pp.send_next(hidden)
                 return None
-            logits = self.model.compute_logits(hidden[sample_rows])
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
             if logits is None:  # not TP rank 0: the logits were gathered there
                 return None
-            tokens = self.sampler(logits, self.sequences.rows(sampled), masks.result() if masks is not None else None)
-            return StepOutput(step.step_id, tokens)
+            return self.sampler(logits, self.sequences.rows(sampled), masks.result() if masks is not None else None)
         finally:
             self.steps += 1
             self.forward_seconds += time.perf_counter() - start - (self.ctx.tp.stats.p2p_seconds - p2p_before)
 
-    def _forward(self, token_ids, positions, query_lens, context_lens, tables) -> torch.Tensor:
-        meta = build_attention_metadata(query_lens, context_lens, tables, self.spec.block_size, self.device)
-        pos = torch.tensor(positions, device=self.device)
+    def _prepare(self, step: StepInput) -> FlatBatch:
+        """Extend the block tables by the blocks each sequence gained and flatten the
+        sequences' new tokens into one batch."""
+        batch = FlatBatch()
+        for s in step.seqs:
+            table = self.block_tables.setdefault(s.seq_id, [])
+            table.extend(s.new_blocks)
+            batch.add(s.token_ids, s.start_pos, table, s.sample)
+        return batch
+
+    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+        """[num_tokens, hidden] after this stage's layers (after the final norm on the last)."""
+        meta = build_attention_metadata(batch.query_lens, batch.context_lens, batch.tables, self.spec.block_size,
+                                        self.device)
+        pos = torch.tensor(batch.positions, device=self.device)
         if self.ctx.is_first_stage:
-            x = torch.tensor(token_ids, device=self.device)
+            x = torch.tensor(batch.token_ids, device=self.device)
         else:
-            x = self.ctx.pp.recv_prev((len(token_ids), self.spec.shape.hidden_size), self.dtype, self.device)
+            x = self.ctx.pp.recv_prev((len(batch.token_ids), self.spec.shape.hidden_size), self.dtype, self.device)
         return self.model(x, pos, meta)
 
     @torch.inference_mode()
@@ -200,14 +239,16 @@ class Worker:
             next_block += n
         if next_block > self.num_kv_blocks:
             raise ValueError(f"prompts need {next_block} KV blocks, {self.num_kv_blocks} allocated")
-        lens = [len(p) for p in prompts]
-        positions = [i for n in lens for i in range(n)]
-        hidden = self._forward([t for p in prompts for t in p], positions, lens, lens, tables)
+        batch = FlatBatch()
+        for p, table in zip(prompts, tables):
+            batch.add(p, 0, table, sample=False)
+        hidden = self._forward(batch)
         if not self.ctx.is_last_stage:
             self.ctx.pp.send_next(hidden)
+            self.ctx.pp.finish_sends()  # a one-off call: its caller may stop the ranks next
             return None
         logits = self.model.compute_logits(hidden)
-        return list(logits.cpu().split(lens)) if logits is not None else None
+        return list(logits.cpu().split(batch.query_lens)) if logits is not None else None
 
     def rank_stats(self) -> RankStats:
         s = self.ctx.tp.stats

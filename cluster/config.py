@@ -8,7 +8,7 @@ parallel: {tensor_parallel_size: 2, pipeline_parallel_size: 2, layer_partition: 
            tensor_split: null, device: auto}
 engine: {max_model_len: 2048, max_num_seqs: 64, max_num_batched_tokens: 4096, block_size: 16,
          num_kv_blocks: null, gpu_memory_utilization: 0.9, enable_prefix_caching: true,
-         step_deadline_s: 30, max_resumes: 3, executor: plain}
+         step_deadline_s: 30, max_resumes: 3}
 serve: {host: 127.0.0.1, port: 8000, api_key: null, max_waiting_requests: 256,
         max_body_bytes: 1048576, graceful_shutdown_s: 30,
         num_replicas: 1,                 # model replicas behind the endpoint, each its own TP x PP workers
@@ -104,12 +104,6 @@ class EngineConfig(_Section):
     # A request resumes on rebuilt workers after a worker failure; one caught by more
     # failures than this fails (a request that keeps meeting failures may be their cause).
     max_resumes: int = Field(3, ge=0)
-    # compiled: ~5x less per-step overhead, but in Ray 2.60 a worker dying mid-step can
-    # crash its node's raylet (ray-project/ray#63229), which turns a recoverable worker
-    # failure into a lost node; plain survives it, so it is the default. Its channel waits
-    # also keep CPU busy: on a 2-core CPU machine tp=2 ran at 67 output tok/s with it, 114
-    # without (the benchmark workload).
-    executor: Literal["plain", "compiled"] = "plain"
 
 
 class AutoscalingConfig(_Section):

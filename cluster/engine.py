@@ -1,28 +1,19 @@
 """The engine: requests in, token deltas out. One per model replica.
 
-    step() = schedule -> execute on the workers -> process outputs -> deliver
+    step() = fill the pipeline (schedule -> send) -> take back the oldest step -> process outputs -> deliver
 
 `generate()` queues a request and streams its deltas; a background task calls `step()`
-while there is work, the blocking executor call in a thread so the event loop (and the HTTP
-server on it) stays responsive. All engine state is touched only from the event loop.
-
-Failure loses nothing. When a step fails (a worker died, or missed the step deadline) or a
-health check finds a worker gone, the loop tears the workers (actors, placement groups)
-down and builds new ones with `rebuild`, with backoff, while requests keep their place and
-new ones queue. Each sequence then resumes from its prompt plus the tokens it produced,
-recomputed as a prefill (the prefix cache shares what sequences have in common): its
-stream goes on with the next token, none repeated, none missing, greedy or seeded tokens
-those of an undisturbed run (the seeded draw is keyed by output index). A request fails
-with `EngineDeadError` only past `max_resumes` interruptions, or when every rebuild fails
-(`gave_up`: Serve replaces the replica); without `rebuild`, the engine stays down.
-`relayout()` swaps the workers for another layout the same way, on purpose.
-A full waiting queue refuses new requests with `EngineOverloadedError`.
+while there is work. With pp pipeline stages up to pp steps are in flight, one per stage,
+on disjoint batches (`cluster.scheduler`): while the workers run them, the event loop
+awaits their results, so scheduling and output processing of one batch overlap the
+execution of the others, and the HTTP server on the same loop stays responsive. All
+engine state is touched only from the event loop. Worker failures and re-layouts are
+`cluster.worker_replacement`'s. A full waiting queue refuses new requests with
+`EngineOverloadedError`.
 """
 
 import asyncio
 import itertools
-import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,13 +21,15 @@ from typing import Any
 from actors.sampling_params import ParamError, SamplingParams
 from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineGaveUpError, EngineOverloadedError, EngineStats, RequestOutput
+from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
+from cluster.in_flight import InFlight, StageTimes
 from cluster.kv_blocks import BlockManager
 from cluster.metrics import EngineMetrics, render_prometheus
 from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
+from cluster.worker_replacement import WorkerReplacement
 
 
 @dataclass(frozen=True)
@@ -58,26 +51,12 @@ class EngineLimits:
         return None
 
 
-# Rebuild attempts after a failure, and the pause before each (a node may be coming back).
-REBUILD_BACKOFF_S = (0.0, 2.0, 5.0, 10.0, 30.0)
-logger = logging.getLogger("tensorfleet.engine")
-
-
-@dataclass
-class _Relayout:
-    """A swap of workers the loop is to make between two steps."""
-
-    limits: EngineLimits
-    build: Callable[[], Executor]
-    done: asyncio.Future  # the seconds requests were paused, or why it failed
-
-
 def seed_for_completion(seed: int | None, index: int) -> int | None:
     """Completion i of a seeded request gets its own stream, the same every time."""
     return seed if seed is None or index == 0 else hash((seed, index)) & (2**62 - 1)
 
 
-class Engine:
+class Engine(WorkerReplacement):
     def __init__(self, executor: Executor, limits: EngineLimits, *, model_name: str, vocab_size: int,
                  tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (),
                  rebuild: Callable[[], Executor] | None = None, replica: str = ""):
@@ -91,22 +70,19 @@ class Engine:
         self._step_ids = itertools.count()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._rebuild = rebuild  # builds workers like the current ones
-        self._relayout: _Relayout | None = None  # a swap of workers the loop has yet to make
-        self._switching = False  # the workers are being swapped: none to ask
-        self.dead: EngineDeadError | None = None  # set while down: failed, healing, or given up
-        self.gave_up = False  # every rebuild attempt failed: only replacing the replica helps
-        self.restarts = 0
         self.draining = False  # shutting down: finish what runs, take nothing new
+        self._init_replacement(rebuild)
         self._use(executor, limits)
 
     def _use(self, executor: Executor, limits: EngineLimits) -> None:
-        """Fresh KV bookkeeping for a (new) set of workers."""
+        """Fresh KV bookkeeping and pipeline for a (new) set of workers."""
         self.executor = executor
         self.limits = limits
         self.max_model_len = limits.max_model_len
         self.blocks = BlockManager(executor.num_kv_blocks, limits.block_size, limits.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, limits.max_num_seqs, limits.max_num_batched_tokens,
+                                   micro_batches=executor.num_stages)
+        self.in_flight = InFlight(executor.num_stages, self.metrics)
         self.output = OutputProcessor(eos_token_ids=self.eos_token_ids, max_model_len=limits.max_model_len,
                                       metrics=self.metrics)
 
@@ -160,13 +136,18 @@ class Engine:
     # -- the step ------------------------------------------------------------------------
 
     async def step(self) -> list[RequestOutput]:
-        """One step: schedule a batch, run it on the workers, turn the sampled tokens into
-        deltas and hand each to its request's stream. Raises what the executor raises."""
-        batch = self.scheduler.schedule()
-        if not batch:  # nothing fits right now (or no work): let the event loop run
+        """One turn of the loop: fill the pipeline (schedule a batch and send it while a
+        stage is free and a batch can be formed), then take back the oldest step in flight:
+        its sampled tokens become deltas, each handed to its request's stream. Raises what
+        the step raised."""
+        self.in_flight.active(True)
+        if self._relayout is None:  # a re-layout waits for the steps in flight and sends no more
+            while self.in_flight.has_room() and (batch := self.scheduler.schedule()):
+                self.in_flight.add(batch, self.executor.submit(self._step_input(batch)))
+        if not self.in_flight:  # nothing fits right now (or no work): let the event loop run
             await asyncio.sleep(0.001)
             return []
-        result = await asyncio.to_thread(self.executor.execute, self._step_input(batch))
+        batch, result = await self.in_flight.pop_oldest()
         if self.dead is not None:
             return []  # a health check failed this batch while it ran; it will be recomputed
         sampled = self.scheduler.update(batch, result.tokens)
@@ -174,12 +155,16 @@ class Engine:
         self._record_scheduler_state()
         for state, out in delivered:
             state.queue.put_nowait(out)
+        self.in_flight.active(self.has_work())
         return [out for _, out in delivered]
 
-    def empty_step(self) -> None:
-        """A step with no sequences through every worker: the control overhead of a step,
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.in_flight)
+
+    async def empty_step(self) -> None:
+        """A step with no sequences through every stage: the control overhead of a step,
         for the benchmarks. Only while no request runs."""
-        self.executor.execute(StepInput(next(self._step_ids), []))
+        await self.executor.submit(StepInput(next(self._step_ids), []))
 
     def _step_input(self, batch: list[ScheduledSeq]) -> StepInput:
         seqs = []
@@ -207,7 +192,7 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            if self._relayout is not None:
+            if self._relayout is not None and not self.in_flight:
                 await self._switch(self._relayout)
                 continue
             if self.dead is not None:
@@ -215,7 +200,8 @@ class Engine:
                     return
                 await self._recover()
                 continue
-            if not self.scheduler.has_work():
+            if not self.has_work():
+                self.in_flight.active(False)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -276,6 +262,10 @@ class Engine:
             healthy=self.dead is None, gave_up=self.gave_up, draining=self.draining, worker_pids=pids,
         )
 
+    def stage_times(self) -> StageTimes:
+        """Each pipeline stage's busy time and the engine's active time so far (a copy)."""
+        return self.in_flight.times.copy()
+
     async def rank_stats(self) -> list[RankStats]:
         return await asyncio.to_thread(self.executor.rank_stats)
 
@@ -300,131 +290,10 @@ class Engine:
             self._relayout.done.set_exception(error)
         self._fail_all(error)
         self.gave_up = True
+        self.in_flight.steps.clear()  # their workers go now; nobody will await them
         self.executor.shutdown()
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    # -- new workers: after a failure, or for another layout -----------------------------
-
-    async def relayout(self, limits: EngineLimits, build: Callable[[], Executor]) -> float:
-        """Swap the workers for those `build` makes (another layout, other sizes) without
-        failing a request: the loop pauses after the step in flight, the old workers go,
-        the new ones load, every request resumes on them; returns the seconds of the pause.
-        The old workers are gone before `build` runs, so the caller checks first that it
-        can succeed; if it fails all the same, the old layout is rebuilt as after a worker
-        failure and the error is raised."""
-        if self.gave_up or self._rebuild is None:
-            raise EngineDeadError(f"engine is down: {self.dead}" if self.dead
-                                  else "this engine cannot rebuild its workers")
-        if self._relayout is not None:
-            raise RuntimeError("a re-layout is already under way")
-        self._relayout = _Relayout(limits, build, asyncio.get_running_loop().create_future())
-        self._ensure_loop()
-        self._wake.set()
-        return await asyncio.shield(self._relayout.done)  # a caller that goes away stops nothing
-
-    async def _switch(self, relayout: _Relayout) -> None:
-        start = time.monotonic()
-        self._pause_requests(count_resume=False)
-        self._switching = True
-        try:
-            await asyncio.to_thread(self.executor.shutdown)
-            try:
-                executor = await asyncio.to_thread(relayout.build)
-            except Exception as e:  # noqa: BLE001 - reported to the caller; the old layout comes back
-                logger.error("re-layout failed (%s); rebuilding the previous layout", e)
-                self.dead = self.dead or EngineDeadError(f"re-layout failed: {e}")
-                relayout.done.set_exception(e)
-                return
-        finally:
-            self._switching = False
-            self._relayout = None
-        self._rebuild = relayout.build
-        self.dead = None
-        self._resume_on(executor, relayout.limits, cause="relayout")
-        paused = time.monotonic() - start
-        logger.warning("re-laid out in %.1fs; %d requests resumed", paused, len(self.requests))
-        relayout.done.set_result(paused)
-
-    def misfits(self, limits: EngineLimits, num_kv_blocks: int) -> dict[str, str]:
-        """The requests held now that could not run within `limits` and `num_kv_blocks`:
-        request id -> why."""
-        return {rid: why for rid, state in self.requests.items()
-                if (why := limits.misfit(len(state.seqs[0].prompt_ids), state.seqs[0].params.max_tokens,
-                                         num_kv_blocks)) is not None}
-
-    def _fail(self, error: EngineDeadError) -> None:
-        """Workers failed: pause the requests (those interrupted too often fail); the loop
-        rebuilds the workers and resumes them."""
-        if self.dead is not None:
-            return
-        if self._rebuild is None:
-            logger.error("%s; failing %d requests (no way to rebuild the workers)", error, len(self.requests))
-            self._fail_all(error)
-            return
-        self.dead = error
-        failed = self._pause_requests(count_resume=True, error=error)
-        logger.error("%s; rebuilding the workers: %d requests will resume, %d failed (engine.max_resumes=%d)",
-                     error, len(self.requests), failed, self.limits.max_resumes)
-        self._ensure_loop()
-        self._wake.set()
-
-    def _pause_requests(self, *, count_resume: bool, error: EngineDeadError | None = None) -> int:
-        """Mark the requests holding KV on the workers as interrupted; with `count_resume`,
-        those already resumed `max_resumes` times fail instead. Returns how many failed."""
-        now, failed = time.monotonic(), 0
-        for state in list(self.requests.values()):
-            if not state.on_workers:
-                continue  # only waiting: it loses nothing
-            if count_resume:
-                if state.resumes >= self.limits.max_resumes:
-                    self._fail_request(state, EngineDeadError(
-                        f"{error}; this request was already resumed {state.resumes} times (engine.max_resumes)"))
-                    failed += 1
-                    continue
-                state.resumes += 1
-            if state.paused_at is None:
-                state.paused_at = now
-        return failed
-
-    def _resume_on(self, executor: Executor, limits: EngineLimits, *, cause: str) -> None:
-        """Adopt new workers: every unfinished sequence goes back to the queue (those that
-        ran first, in their order) to be recomputed from its prompt and its tokens so far."""
-        old = self.scheduler
-        self._use(executor, limits)
-        self.scheduler.adopt(old)
-        for rid, why in self.misfits(limits, executor.num_kv_blocks).items():  # came in during the swap
-            self._fail_request(self.requests[rid], EngineDeadError(f"the request does not fit the new layout: {why}"))
-        self.metrics.requests_resumed(sum(s.paused_at is not None for s in self.requests.values()), cause)
-
-    def _fail_all(self, error: EngineDeadError) -> None:
-        self.dead = error
-        for state in list(self.requests.values()):
-            self._fail_request(state, error)
-
-    async def _recover(self) -> None:
-        """Tear the old workers down and build new ones, with backoff, and resume every
-        request on them; give up (and let Serve replace the replica) when every attempt
-        fails, failing what is left."""
-        await asyncio.to_thread(self.executor.shutdown)
-        for pause in REBUILD_BACKOFF_S:
-            await asyncio.sleep(pause)
-            start = time.perf_counter()
-            try:
-                executor = await asyncio.to_thread(self._rebuild)
-            except Exception as e:
-                logger.error("rebuilding the workers failed: %s", e)
-                continue
-            self._resume_on(executor, self.limits, cause="failure")
-            self.restarts += 1
-            self.metrics.replica_restarted()
-            logger.warning("workers rebuilt in %.1fs; %d requests resume", time.perf_counter() - start,
-                           len(self.requests))
-            self.dead = None
-            return
-        self.gave_up = True
-        attempts = len(REBUILD_BACKOFF_S)
-        self._fail_all(EngineGaveUpError(f"could not rebuild the workers ({attempts} attempts): {self.dead}"))

@@ -27,6 +27,13 @@ Engine, one series set per replica (labels `model_name`, `replica`: Serve's repl
     ray_tensorfleet_requests_running                gauge
     ray_tensorfleet_requests_waiting                gauge
     ray_tensorfleet_kv_cache_usage_ratio            gauge      used / all KV blocks
+    ray_tensorfleet_stage_busy_seconds_total        counter    label stage: time the stage worked on steps
+    ray_tensorfleet_stage_bubble_seconds_total      counter    label stage: time it idled while the engine
+                                                               had work (cluster/in_flight.py)
+
+so the busy share of each pipeline stage is
+    rate(ray_tensorfleet_stage_busy_seconds_total[1m])
+      / (rate(ray_tensorfleet_stage_busy_seconds_total[1m]) + rate(ray_tensorfleet_stage_bubble_seconds_total[1m]))
 
 Per rank (labels `model_name`, `stage`, `tp_rank`; recorded by `actors.rank_metrics`):
     ray_tensorfleet_worker_forward_seconds_total    counter    model compute incl. all-reduces,
@@ -133,6 +140,9 @@ class EngineMetrics:
         self.running = gauge("requests_running", "Sequences in the running batch")
         self.waiting = gauge("requests_waiting", "Sequences waiting to be scheduled")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Used share of the KV blocks")
+        self.stage_busy_seconds = counter("stage_busy_seconds", "Time a pipeline stage worked on steps", ("stage",))
+        self.stage_bubble_seconds = counter("stage_bubble_seconds", "Time a pipeline stage idled while the engine had "
+                                            "work", ("stage",))
 
         # scheduler and prefix-cache totals already exported, to export only what is new
         self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
@@ -174,6 +184,12 @@ class EngineMetrics:
     def resume_waited(self, wait: float) -> None:
         """An interrupted request produced its next token `wait` seconds after the interruption."""
         self._observe(self.resume_wait, wait)
+
+    def stage_busy(self, stage: int, seconds: float) -> None:
+        self._inc(self.stage_busy_seconds, seconds, stage=str(stage))
+
+    def stage_bubble(self, stage: int, seconds: float) -> None:
+        self._inc(self.stage_bubble_seconds, seconds, stage=str(stage))
 
     def scheduler_state(self, running: int, waiting: int, kv_usage: float,
                         preemptions: int, cache_queries: int, cache_hits: int) -> None:

@@ -114,9 +114,7 @@ def build_executor(cfg: TensorfleetConfig, plan: Plan, spec: WorkerSpec, log: Ca
         return InProcessExecutor(spec, plan.num_kv_blocks)
     from cluster.ray_executor import RayExecutor
 
-    eng = cfg.engine
-    return RayExecutor(spec, plan.num_kv_blocks, compiled=eng.executor == "compiled",
-                       step_deadline_s=eng.step_deadline_s, log=log)
+    return RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=cfg.engine.step_deadline_s, log=log)
 
 
 def _ray_connected() -> bool:

@@ -8,6 +8,16 @@ When KV blocks run out, the newest running sequence is preempted: its blocks are
 it goes back to the head of the queue, to be recomputed later (its full blocks stay in the
 prefix cache, so the recompute is often cheap). Nothing fails for lack of blocks unless a
 single sequence cannot fit the whole cache, which the engine refuses up front.
+
+Micro-batches. With pp pipeline stages the engine keeps up to pp steps in flight, one per
+stage, and the batches are disjoint: a sequence in a step on the workers is neither
+scheduled again (its next token, or its chunk's KV, is not back yet) nor preempted (that
+step is writing its KV) until `update` takes the step back. A sequence short of blocks
+whose victim, the newest, is in flight waits for it instead of preempting anyone else, so
+the oldest running sequence always gets ahead, as with one batch. Each batch takes at most its
+share, ceil(running / micro_batches), of the running sequences, oldest first, so the
+batches in flight come out even and no stage waits on a lopsided one; what a batch leaves,
+the next one takes. With micro_batches=1 the share is every running sequence.
 """
 
 import time
@@ -34,12 +44,14 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, micro_batches: int = 1):
         self.blocks = blocks
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs  # running sequences, in flight or not
+        self.max_num_batched_tokens = max_num_batched_tokens  # per batch
+        self.micro_batches = micro_batches  # batches in flight at once
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # oldest (re)admission first
+        self.in_flight: set[Sequence] = set()  # in a batch the workers have not returned yet
         self.released: list[int] = []  # seq ids the workers must forget at the next step
         self.stats = SchedulerStats()
 
@@ -50,11 +62,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
+        """The next batch, in flight until `update` takes it back; empty when nothing can
+        run before a batch in flight returns (or there is no work)."""
         budget = self.max_num_batched_tokens
+        share = -(-len(self.running) // self.micro_batches)
         out: list[ScheduledSeq] = []
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING or budget == 0:
-                continue  # preempted below, while making room for an older sequence
+            if budget == 0 or len(out) == share:
+                break
+            if seq.status is not SeqStatus.RUNNING or seq in self.in_flight:
+                continue  # preempted below, while making room for an older sequence; or on the workers
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._allocate_or_preempt(seq, seq.num_computed + n):
                 continue  # seq itself was preempted
@@ -85,13 +102,18 @@ class Scheduler:
         for s in out:
             if s.seq.num_computed < len(s.seq.prompt_ids):
                 self.stats.prefill_tokens_computed += min(s.num_tokens, len(s.seq.prompt_ids) - s.seq.num_computed)
+            self.in_flight.add(s.seq)
         return out
 
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow `seq` to `num_tokens`, preempting the newest sequences as needed; False
-        when `seq` itself had to go."""
+        """Grow `seq` to `num_tokens`, preempting the newest running sequences as needed.
+        False when `seq` cannot run in this batch: it was the newest itself, and was
+        preempted; or the newest is in flight (a step is writing its KV), and `seq` keeps
+        what it holds and waits for that step to return."""
         while self.blocks.allocate(seq.blocks, num_tokens) is None:
             victim = self.running[-1]
+            if victim in self.in_flight:
+                return False
             self.preempt(victim)
             if victim is seq:
                 return False
@@ -99,12 +121,14 @@ class Scheduler:
 
     def update(self, batch: list[ScheduledSeq], tokens: list[SampledToken]) -> list[tuple[Sequence, SampledToken]]:
         """Account for a step that ran: its tokens are in the KV cache now, full blocks enter
-        the prefix cache. Returns the sequences that sampled a token (prompt chunks short of
-        the prompt's end sample none) with that token, minus those aborted meanwhile."""
+        the prefix cache, its sequences may be scheduled again. Returns the sequences that
+        sampled a token (prompt chunks short of the prompt's end sample none) with that
+        token, minus those aborted meanwhile."""
         sampled = iter(tokens)
         out = []
         for s in batch:
             seq = s.seq
+            self.in_flight.discard(seq)
             seq.num_computed += s.num_tokens
             if seq.num_computed < seq.num_tokens:
                 continue

@@ -109,6 +109,8 @@ def test_offline_bench_tp1_runs_without_ray(tiny_llama_dir, tmp_path):
     assert (result["completed"], result["output_tokens"]) == (10, work.output_tokens)
     [rank] = result["ranks"]
     assert rank["steps"] > 0 and rank["forward_s"] > 0 and rank["all_reduces"] == 0
+    [stage] = result["stages"]  # one stage: busy all the time the engine had work, but between steps
+    assert 0 < stage["busy_s"] <= stage["busy_s"] + stage["bubble_s"] <= result["duration_s"]
     assert_ordered(result)
 
 
@@ -213,12 +215,15 @@ def test_side_by_side_report(tmp_path):
         return {**summarize([rec], 4 / tok_s), "label": label}
 
     systems = {"tf-tp1": run("tensorfleet tp=1", 150.0), "hf": run("HF generate", 100.0),
-               "hf-tp2": run("HF tp_plan=auto tp=2", 60.0), "tf-tp2": run("tensorfleet tp=2", 90.0)}
+               "hf-tp2": run("HF tp_plan=auto tp=2", 60.0), "tf-tp2": run("tensorfleet tp=2", 90.0),
+               "tf-pp2": run("tensorfleet pp=2", 144.0)}
     assert ratios(systems) == pytest.approx({"tf-tp1/hf": 1.5, "tf-tp1/hf-tp2": 2.5, "tf-tp2/hf": 0.9,
-                                             "tf-tp2/hf-tp2": 1.5})
+                                             "tf-tp2/hf-tp2": 1.5, "tf-pp2/hf": 1.44, "tf-pp2/hf-tp2": 2.4,
+                                             "tf-pp2/tf-tp1": 0.96})
     table = format_table(systems).splitlines()
-    assert table[0].endswith("| vs HF 1 proc | vs HF tp=2 |") and len(table) == 2 + len(systems)
-    assert table[2].startswith("| tensorfleet tp=1 | 150.0 |") and table[2].endswith("| 1.50x | 2.50x |")
+    assert table[0].endswith("| vs HF 1 proc | vs HF tp=2 | vs same tp, pp=1 |") and len(table) == 2 + len(systems)
+    assert table[2].startswith("| tensorfleet tp=1 | 150.0 |") and table[2].endswith("| 1.50x | 2.50x | - |")
+    assert table[-1].startswith("| tensorfleet pp=2 | 144.0 |") and table[-1].endswith("| 2.40x | 0.96x |")
     draw_chart(systems, "test", tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -226,8 +231,9 @@ def test_side_by_side_report(tmp_path):
 def test_each_system_reports_its_median_round_with_every_round():
     from deploy.bench.compare import median_run
 
-    runs = [{"output_tok_s": t, "round": i} for i, t in enumerate([120.0, 100.0, 140.0])]
-    assert median_run(runs) == {"output_tok_s": 120.0, "round": 0, "tok_s_of_runs": [120.0, 100.0, 140.0]}
+    runs = [{"output_tok_s": t, "round": i, "load_average": 2.0 + i} for i, t in enumerate([120.0, 100.0, 140.0])]
+    assert median_run(runs) == {"output_tok_s": 120.0, "round": 0, "load_average": 2.0,
+                                "tok_s_of_runs": [120.0, 100.0, 140.0], "load_average_of_runs": [2.0, 3.0, 4.0]}
     assert median_run(runs[:2])["output_tok_s"] == 100.0  # an even count: the lower middle
 
 

@@ -58,7 +58,7 @@ def test_defaults_and_relative_model_path(tmp_path):
     assert (e.max_model_len, e.max_num_seqs, e.max_num_batched_tokens, e.block_size) == (
         2048, 64, 4096, 16)
     assert e.num_kv_blocks is None and e.gpu_memory_utilization == 0.9
-    assert e.enable_prefix_caching and e.step_deadline_s == 30 and e.executor == "plain"
+    assert e.enable_prefix_caching and e.step_deadline_s == 30
     s = cfg.serve
     assert (s.host, s.port, s.api_key, s.max_waiting_requests, s.max_body_bytes) == (
         "127.0.0.1", 8000, None, 256, 1048576)
@@ -86,7 +86,6 @@ engine:
   max_model_len: 4096
   num_kv_blocks: 100
   gpu_memory_utilization: 1
-  executor: compiled
 serve:
   port: 0
   api_key: secret
@@ -111,8 +110,8 @@ def test_wrong_types_are_not_coerced(tmp_path):
     assert "parallel.tensor_parallel_size:" in msg
     msg = config_error(tmp_path, "model: m\ndtype: fp8\n")
     assert "dtype:" in msg and "bfloat16" in msg
-    msg = config_error(tmp_path, "model: m\nengine:\n  executor: dag\n")
-    assert "engine.executor:" in msg
+    msg = config_error(tmp_path, "model: m\nengine:\n  enable_prefix_caching: 'yes'\n")
+    assert "engine.enable_prefix_caching:" in msg
 
 
 def test_negative_tp_and_several_errors_at_once(tmp_path):

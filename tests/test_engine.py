@@ -1,5 +1,6 @@
 """The engine in one process (tp=1, no Ray): continuous batching, preemption, prefix
-caching, sampling and aborts, checked against Hugging Face generate on each prompt alone."""
+caching, sampling and aborts, checked against Hugging Face generate on each prompt alone;
+and with two batches in flight, as a two-stage pipeline keeps them."""
 
 import asyncio
 import itertools
@@ -22,8 +23,32 @@ def tiny(tmp_path_factory):
     return path, save_tiny(llama_config(), path)
 
 
-def make_engine(path, *, num_blocks=256, max_num_seqs=16, max_tokens_per_step=128, prefix_caching=True) -> Engine:
-    executor = InProcessExecutor(worker_spec(path, block_size=BLOCK), num_blocks)
+class TwoStepsInFlight(InProcessExecutor):
+    """The in-process worker behind an executor that holds two steps at once, as two
+    pipeline stages do: the engine keeps two disjoint batches in flight (they run one after
+    the other here). Records how many were sent and not yet run, at most."""
+
+    num_stages = 2
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.submitted = self.executed = self.most_in_flight = 0
+
+    def submit(self, step):
+        self.submitted += 1
+        self.most_in_flight = max(self.most_in_flight, self.submitted - self.executed)
+        return super().submit(step)
+
+    def execute(self, step):
+        try:
+            return super().execute(step)
+        finally:
+            self.executed += 1  # before the output reaches the engine, which sends the next step only then
+
+
+def make_engine(path, *, num_blocks=256, max_num_seqs=16, max_tokens_per_step=128, prefix_caching=True,
+                executor_cls=InProcessExecutor) -> Engine:
+    executor = executor_cls(worker_spec(path, block_size=BLOCK), num_blocks)
     limits = EngineLimits(256, max_num_seqs, max_tokens_per_step, BLOCK, prefix_caching)
     return Engine(executor, limits, model_name="tiny", vocab_size=1000, eos_token_ids=(2,))
 
@@ -81,6 +106,62 @@ def test_preemption_under_tiny_kv_budget_keeps_outputs_exact(tiny):
     assert engine.scheduler.stats.preemptions > 0
     assert engine.blocks.num_free == engine.blocks.num_blocks
     for rid, (prompt, params) in requests.items():
+        assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
+
+
+def test_two_batches_in_flight_with_chunks_and_preemption_match_hf_alone(tiny):
+    path, hf = tiny
+    long = random_prompts(1000, [150], seed=9)[0]
+    requests = {"long": (long, greedy(10)), **mixed_requests(1000, 10, seed=5)}
+    engine = make_engine(path, num_blocks=40, max_tokens_per_step=32, executor_cls=TwoStepsInFlight)
+    got = run_all(engine, requests)
+    print(f"preemptions: {engine.scheduler.stats.preemptions}")
+    assert engine.executor.most_in_flight == 2 and engine.scheduler.stats.preemptions > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.in_flight
+    for rid, (prompt, params) in requests.items():
+        assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
+
+
+def test_seeded_sampling_with_two_batches_in_flight_is_that_of_one(tiny):
+    path, _ = tiny
+    prompts = random_prompts(1000, [12, 40, 7, 25], seed=14)
+    requests = {f"s{i}": (p, SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=100 + i, n=1 + i % 2,
+                                            ignore_eos=True)) for i, p in enumerate(prompts)}
+    one = run_all(make_engine(path, max_tokens_per_step=24), requests)
+    two = run_all(make_engine(path, max_tokens_per_step=24, executor_cls=TwoStepsInFlight), requests)
+    assert one == two
+
+
+def test_prefix_hits_with_two_batches_in_flight_match_hf_alone(tiny):
+    """Requests sharing a system prompt arrive while two batches are in flight: they reuse
+    the blocks its first request wrote once that step came back, chunked (40 tokens a
+    step) beside unrelated requests."""
+    path, hf = tiny
+    system = random_prompts(1000, [48], seed=21)[0]
+    shared = {f"p{i}": (system + t, greedy(8)) for i, t in enumerate(random_prompts(1000, [5, 9, 13, 7, 11], seed=23))}
+    others = mixed_requests(1000, 6, seed=24)
+    first = {"p0": shared["p0"], **dict(list(others.items())[:3])}
+    later = {rid: r for rid, r in {**shared, **others}.items() if rid not in first}
+    engine = make_engine(path, max_tokens_per_step=40, executor_cls=TwoStepsInFlight)
+
+    async def run() -> dict[str, list[int]]:
+        tokens = {rid: [] for rid in [*first, *later]}
+        for n, arrivals in ((8, first), (None, later)):
+            for rid, (prompt, params) in arrivals.items():
+                engine.add_request(rid, prompt, params)
+            for _ in itertools.count() if n is None else range(n):
+                if n is None and not engine.has_work():
+                    break
+                for out in await engine.step():
+                    tokens[out.request_id] += [t for d in out.deltas for t in d.token_ids]
+        return tokens
+
+    got = asyncio.run(run())
+    hits = engine.scheduler.stats.prefix_hit_tokens
+    print(f"prefix hit tokens: {hits}")
+    assert engine.executor.most_in_flight == 2 and hits >= 4 * 40  # 4 later requests reuse >= 5 full blocks each
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.in_flight
+    for rid, (prompt, params) in {**first, **later}.items():
         assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
 
 

@@ -1,7 +1,8 @@
-"""The engine across TP x PP Ray workers on a simulated 2-node x 2-GPU cluster: concurrent
-greedy requests produce exactly Hugging Face's tokens for each prompt alone, with heads
-split evenly and unevenly; steps longer than the health check's timeout are not mistaken
-for dead workers."""
+"""The engine across TP x PP Ray workers on a simulated 2-node x 2-GPU cluster, two batches
+in flight: concurrent greedy requests produce exactly Hugging Face's tokens for each
+prompt alone (heads split evenly and unevenly), and seeded ones those of one process
+without a pipeline, with preemption and chunked prefill in the mix; steps longer than the
+health check's timeout are not mistaken for dead workers."""
 
 import asyncio
 import time
@@ -10,56 +11,83 @@ import pytest
 
 from actors.ray_worker import RayWorker
 from actors.sampling_params import SamplingParams
-from actors.step_io import StepInput, StepOutput
+from actors.step_io import StageHandoff, StepInput, StepOutput
 from cluster.config import TensorfleetConfig
 from cluster.engine import Engine
 from cluster.ray_executor import RayExecutor
 from cluster.replica import build_engine, engine_limits, plan_replica
-from tests.test_engine import mixed_requests
+from tests.test_engine import make_engine, mixed_requests
 from tests.tiny_models import hf_greedy, save_tiny, smollm2_like_config
 
 pytestmark = pytest.mark.slow
 
 
-def engine_config(path, *, num_kv_blocks: int, executor: str = "plain", layer_partition=(2, 3),
-                  tensor_split=None, max_num_batched_tokens: int = 256) -> TensorfleetConfig:
+def engine_config(path, *, num_kv_blocks: int, layer_partition=(2, 3), tensor_split=None,
+                  max_num_batched_tokens: int = 256) -> TensorfleetConfig:
     return TensorfleetConfig.model_validate({
         "model": str(path), "dtype": "float32",
         "parallel": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "layer_partition": list(layer_partition),
                      "tensor_split": tensor_split, "device": "cpu"},
         "engine": {"max_model_len": 128, "block_size": 8, "num_kv_blocks": num_kv_blocks,
-                   "max_num_seqs": 16, "max_num_batched_tokens": max_num_batched_tokens, "executor": executor},
+                   "max_num_seqs": 16, "max_num_batched_tokens": max_num_batched_tokens},
     })
 
 
 async def run_concurrently(engine, requests):
+    """Every request's tokens; a list per completion for n > 1."""
     async def one(rid, prompt, params):
-        return [t async for out in engine.generate(rid, prompt, params) for d in out.deltas for t in d.token_ids]
+        tokens = [[] for _ in range(params.n)]
+        async for out in engine.generate(rid, prompt, params):
+            for d in out.deltas:
+                tokens[d.index] += d.token_ids
+        return tokens[0] if params.n == 1 else tokens
 
     return await asyncio.gather(*(one(rid, p, params) for rid, (p, params) in requests.items()))
 
 
-@pytest.mark.parametrize("executor,num_kv_blocks", [("plain", 256), ("plain", 20), ("compiled", 256)],
-                         ids=["plain", "plain-preempting", "compiled"])
-async def test_16_concurrent_greedy_requests_match_hf(ray_cluster_2x2, tiny_llama_dir, executor, num_kv_blocks):
+def count_in_flight(engine: Engine) -> list[int]:
+    """Watch the engine's executor: [the most steps the engine held at once]. Counted as
+    each step is sent, from the engine's own steps in flight (a step's future may be done
+    before the engine has taken it back)."""
+    most, submit = [0], engine.executor.submit
+
+    def counting_submit(step):
+        most[0] = max(most[0], len(engine.in_flight) + 1)
+        return submit(step)
+
+    engine.executor.submit = counting_submit
+    return most
+
+
+@pytest.mark.parametrize("num_kv_blocks,max_num_batched_tokens", [(256, 256), (20, 256), (64, 24)],
+                         ids=["roomy", "preempting", "chunked"])
+async def test_16_concurrent_requests_match_hf_and_one_process(ray_cluster_2x2, tiny_llama_dir, num_kv_blocks,
+                                                                 max_num_batched_tokens):
     path, hf = tiny_llama_dir
-    engine = build_engine(engine_config(path, num_kv_blocks=num_kv_blocks, executor=executor))
+    requests = mixed_requests(1000, 16, seed=41)
+    seeded = {f"s{i}": (prompt, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=5 + i, n=1 + i % 2,
+                                               ignore_eos=True))
+              for i, (prompt, _) in enumerate(list(requests.values())[:4])}
+    one_process = make_engine(path, max_tokens_per_step=max_num_batched_tokens)
+    want_seeded = dict(zip(seeded, await run_concurrently(one_process, seeded)))
+    engine = build_engine(engine_config(path, num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens))
+    in_flight = count_in_flight(engine)
     try:
-        requests = mixed_requests(1000, 16, seed=41)
-        got = await run_concurrently(engine, requests)
+        got = dict(zip([*requests, *seeded], await run_concurrently(engine, {**requests, **seeded})))
         preemptions = engine.scheduler.stats.preemptions
-        print(f"{executor} with {num_kv_blocks} KV blocks: {preemptions} preemptions")
+        print(f"{num_kv_blocks} KV blocks, {max_num_batched_tokens} tokens a step: {preemptions} preemptions, "
+              f"{in_flight[0]} steps in flight at most; stage busy shares "
+              f"{[round(b / engine.stage_times().active_s, 2) for b in engine.stage_times().busy_s]}")
+        assert in_flight[0] == 2
         if num_kv_blocks == 20:
             assert preemptions > 0
-        for (rid, (prompt, params)), tokens in zip(requests.items(), got):
-            assert tokens == hf_greedy(hf, prompt, params.max_tokens), rid
+        for rid, (prompt, params) in requests.items():
+            assert got[rid] == hf_greedy(hf, prompt, params.max_tokens), rid
+        assert {rid: got[rid] for rid in seeded} == want_seeded
         assert engine.blocks.num_free == engine.blocks.num_blocks
-        seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
-        alone = await run_concurrently(engine, {"s": (requests["r0"][0], seeded)})
-        together = await run_concurrently(engine, {"s": (requests["r0"][0], seeded), **dict(list(requests.items())[1:5])})
-        assert alone[0] == together[0]
     finally:
-        engine.executor.shutdown()
+        engine.shutdown()
+        one_process.shutdown()
 
 
 @pytest.mark.parametrize("tensor_split", [None, [2, 1]], ids=["uneven", "weighted"])
@@ -85,9 +113,9 @@ HEALTH_CHECK_TIMEOUT_S = 0.5
 class SlowWorker(RayWorker):
     """A worker whose every step takes SLOW_STEP_S longer, as a large prefill would."""
 
-    def step(self, step: StepInput) -> StepOutput | None:
+    def step(self, step: StepInput, prev=None) -> StageHandoff | StepOutput | None:
         time.sleep(SLOW_STEP_S)
-        return super().step(step)
+        return super().step(step, prev)
 
 
 async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_cluster_2x2, tiny_llama_dir):
@@ -96,8 +124,9 @@ async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_clu
     path, hf = tiny_llama_dir
     cfg = engine_config(path, num_kv_blocks=64)
     plan, spec = plan_replica(cfg)
-    executor = RayExecutor(spec, plan.num_kv_blocks, compiled=False, step_deadline_s=30, worker_cls=SlowWorker,
-                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
+    executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
+                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+                           placement_timeout_s=300)  # its workers import this test module, and torch with it
     engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
                     rebuild=None)  # a busy worker taken for a dead one would fail the requests
     checks: list[float] = []

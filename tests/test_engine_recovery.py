@@ -13,13 +13,13 @@ import threading
 
 import pytest
 
-import cluster.engine
+import cluster.worker_replacement
 from actors.sampling_params import SamplingParams
 from actors.step_io import StepInput, StepOutput
 from cluster.engine import Engine, EngineLimits
 from cluster.engine_client import EngineDeadError, EngineOverloadedError
 from cluster.executor import InProcessExecutor
-from deploy.server.app import TensorfleetServer
+from deploy.server.engine_replica import EngineReplica
 from tests.tiny_models import hf_greedy, llama_config, random_prompts, save_tiny, worker_spec
 
 BLOCK = 8
@@ -33,15 +33,26 @@ def tiny(tmp_path_factory):
 
 
 class BreakingExecutor(InProcessExecutor):
-    """A real in-process executor whose worker 'dies' at step `fail_at`."""
+    """A real in-process executor whose worker 'dies' at step `fail_at`; with `num_stages`
+    2 the engine keeps two steps in flight, as for two pipeline stages."""
 
-    def __init__(self, path, fail_at: int | None, num_blocks: int = 64):
+    def __init__(self, path, fail_at: int | None, num_blocks: int = 64, num_stages: int = 1):
         super().__init__(worker_spec(path, block_size=BLOCK), num_blocks)
+        self.num_stages = num_stages
         self.fail_at, self.steps, self.shut_down = fail_at, 0, False
+        self.submitted, self.next_submitted = 0, threading.Event()
+
+    def submit(self, step: StepInput):
+        self.submitted += 1
+        if self.fail_at is not None and self.submitted > self.fail_at:
+            self.next_submitted.set()
+        return super().submit(step)
 
     def execute(self, step: StepInput) -> StepOutput:
         self.steps += 1
         if self.steps == self.fail_at:
+            if self.num_stages > 1:  # fail once the engine has sent the step after this one
+                assert self.next_submitted.wait(30), "the engine kept a single step in flight"
             raise EngineDeadError("worker 0 died (simulated)")
         return super().execute(step)
 
@@ -98,6 +109,19 @@ async def test_failed_step_resumes_every_request_with_exact_tokens(tiny):
     engine.shutdown()
 
 
+async def test_a_failure_with_two_steps_in_flight_loses_nothing(tiny):
+    path, hf = tiny
+    prompts = random_prompts(1000, [5, 9, 13, 30, 17, 8], seed=6)
+    first = BreakingExecutor(path, fail_at=7, num_stages=2)
+    engine, built = engine_with(path, first)
+    results = await asyncio.gather(*(collect(engine, f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)))
+    assert results == [hf_greedy(hf, p, 16) for p in prompts]
+    assert first.next_submitted.is_set()  # it failed with two steps in flight
+    assert engine.restarts == 1 and len(built) == 1 and not engine.in_flight
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    engine.shutdown()
+
+
 async def test_requests_arriving_while_the_workers_rebuild_wait_and_complete(tiny):
     path, hf = tiny
     release = threading.Event()
@@ -141,7 +165,7 @@ async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_the_replic
     check, which passes while the engine is merely rebuilding, now raises, so Serve
     replaces the replica (Serve's contract for a health check that raises)."""
     path, _ = tiny
-    monkeypatch.setattr(cluster.engine, "REBUILD_BACKOFF_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(cluster.worker_replacement, "REBUILD_BACKOFF_S", (0.0, 0.0, 0.0))
     attempts: list[int] = []
     rebuilding = threading.Event()
 
@@ -152,7 +176,7 @@ async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_the_replic
 
     engine = Engine(BreakingExecutor(path, fail_at=2), LIMITS, model_name="tiny", vocab_size=1000,
                     rebuild=broken_rebuild)
-    replica = object.__new__(TensorfleetServer.func_or_class)  # the deployment's class, without its constructor
+    replica = object.__new__(EngineReplica.func_or_class)  # the deployment's class, without its constructor
     replica.engine = engine
     await replica.check_health()
     result = asyncio.create_task(collect(engine, "a", [5, 6, 7], greedy(8)))

@@ -16,7 +16,7 @@ import torch
 from actors.model_shape import ModelShape
 from actors.sharding import Span
 from cluster.config import EngineConfig, ParallelConfig
-from cluster.plan import ClusterSpec, PlanError, make_plan
+from cluster.plan import ClusterSpec, PlanError, lm_head_layers, make_plan
 from deploy.cli.main import main
 from deploy.cli.plan import parse_size
 
@@ -286,6 +286,17 @@ def smollm2_dir(tmp_path) -> Path:
 def smollm2_layer(heads: int, kv_heads: int, cols: int) -> int:
     """Parameters of one SmolLM2 layer on a rank (head_dim 64, hidden 576)."""
     return (heads + 2 * kv_heads) * 64 * 576 + heads * 64 * 576 + 3 * cols * 576 + 2 * 576
+
+
+def test_smollm2_pipeline_gives_the_last_stage_fewer_layers(smollm2_dir):
+    """Its LM head (49152 x 576) weighs about 8 layers and runs for sampled tokens only:
+    counted as 4 layers, the balanced split is 17 | 13."""
+    shape = ModelShape.from_dir(smollm2_dir)
+    assert lm_head_layers(shape) == pytest.approx(4.0, abs=0.01)
+    p = plan(shape=shape, tp=1, pp=2, max_model_len=2048)
+    assert [s.layers for s in p.stages] == [range(17), range(17, 30)]
+    assert [s.layers for s in plan(shape=shape, pp=2, partition=[15, 15], max_model_len=2048).stages] == [
+        range(15), range(15, 30)]
 
 
 def test_cli_smollm2_tp2_uneven_heads(tmp_path, smollm2_dir, capsys):

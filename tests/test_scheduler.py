@@ -1,9 +1,12 @@
 """Scheduler against a plain-Python reference scheduler over the reference block pool of
 test_kv_blocks: hand-worked schedules with every step's batch written out (chunks under a
-token budget, the sequence cap, arrival order, prefix hits, preemption of the newest), and
-seeded random workloads with arrivals and aborts, checked step by step."""
+token budget, the sequence cap, arrival order, prefix hits, preemption of the newest,
+disjoint micro-batches in flight and their even shares), and seeded random workloads with
+arrivals, aborts and up to 3 batches in flight, checked batch by batch."""
 
+import math
 import random
+from collections import deque
 
 import pytest
 
@@ -23,12 +26,19 @@ class ReferenceScheduler:
     newest. Then waiting sequences are admitted in queue order, while tokens and sequence
     slots are left: each first takes the prefix cache's hits; the first one whose chunk does
     not fit stops admission and gives its hits back (they stay cached). Prefix-cache lookups
-    count once per admission."""
+    count once per admission.
 
-    def __init__(self, pool: ReferencePool, max_num_seqs: int, max_num_batched_tokens: int):
+    With k micro-batches: a sequence in a batch not yet returned is skipped and never a
+    victim: a sequence whose victim (the newest running one) is in flight skips this batch,
+    preempting nobody and keeping its blocks; and a batch takes at most ceil(running / k)
+    running sequences, counted when the batch starts."""
+
+    def __init__(self, pool: ReferencePool, max_num_seqs: int, max_num_batched_tokens: int, micro_batches: int = 1):
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.budget = max_num_batched_tokens
+        self.micro_batches = micro_batches
+        self.in_flight: set[int] = set()
         self.tokens: dict[int, list[int]] = {}
         self.computed: dict[int, int] = {}
         self.waiting: list[int] = []  # head first
@@ -44,12 +54,15 @@ class ReferenceScheduler:
 
     def schedule(self) -> list[tuple[int, int]]:
         left, batch = self.budget, []
+        share = math.ceil(len(self.running) / self.micro_batches)
         for sid in list(self.running):
-            if sid not in self.running or left == 0:
+            if sid not in self.running or sid in self.in_flight or left == 0 or len(batch) == share:
                 continue
             n = min(len(self.tokens[sid]) - self.computed[sid], left)
             while self.pool.grow(sid, self.computed[sid] + n) is None:
                 victim = self.running[-1]
+                if victim in self.in_flight:
+                    break
                 self._preempt(victim)
                 if victim == sid:
                     break
@@ -70,6 +83,7 @@ class ReferenceScheduler:
             self.running.append(self.waiting.pop(0))
             batch.append((sid, n))
             left -= n
+        self.in_flight |= {sid for sid, _ in batch}
         return batch
 
     def _preempt(self, sid: int) -> None:
@@ -83,6 +97,7 @@ class ReferenceScheduler:
     def update(self, batch: list[tuple[int, int]], tokens: list[int]) -> list[tuple[int, int]]:
         sampled, out = list(tokens), []
         for sid, n in batch:
+            self.in_flight.discard(sid)
             self.computed[sid] += n
             if self.computed[sid] < len(self.tokens[sid]):
                 continue
@@ -119,35 +134,45 @@ def expected_output(seq: Sequence) -> list[int]:
     return [token_at(seq.seq_id, len(seq.prompt_ids) + i) for i in range(seq.params.max_tokens)]
 
 
-def run_step(scheduler: Scheduler) -> list[ScheduledSeq]:
-    """Schedule, "run" (sample where a chunk reaches the end), update, append and finish at
-    max_tokens: what the engine's step does around the scheduler."""
-    batch = scheduler.schedule()
+def finish_step(scheduler: Scheduler, batch: list[ScheduledSeq]) -> None:
+    """A batch comes back: sample where a chunk reached the end, update, append, finish at
+    max_tokens."""
     tokens = [SampledToken(token_at(s.seq.seq_id, s.seq.num_tokens)) for s in batch
               if s.seq.num_computed + s.num_tokens == s.seq.num_tokens]
     for seq, token in scheduler.update(batch, tokens):
         seq.output_ids.append(token.token_id)
         if len(seq.output_ids) >= seq.params.max_tokens:
             scheduler.finish(seq, "length")
+
+
+def run_step(scheduler: Scheduler) -> list[ScheduledSeq]:
+    """Schedule and "run" one batch: what the engine's step does around the scheduler."""
+    batch = scheduler.schedule()
+    finish_step(scheduler, batch)
     return batch
 
 
 def run_table(scheduler: Scheduler, names: dict[int, str], max_steps: int = 100) -> tuple[list[str], list[str]]:
-    """Run until no work is left; each step's batch as "A32 B1" and its released ids as "C"."""
-    batches, released = [], []
-    while scheduler.has_work() and len(batches) < max_steps:
-        batch = run_step(scheduler)
-        batches.append(" ".join(f"{names[s.seq.seq_id]}{s.num_tokens}" for s in batch))
+    """Run until no work is left, with up to `scheduler.micro_batches` batches in flight as
+    the engine keeps them (fill the free slots, then take the oldest batch back); each
+    batch as "A32 B1" in the order scheduled, and the ids released by the time each batch
+    came back as "C"."""
+    batches, released, in_flight = [], [], deque()
+    while (scheduler.has_work() or in_flight) and len(batches) < max_steps:
+        while len(in_flight) < scheduler.micro_batches and (batch := scheduler.schedule()):
+            in_flight.append(batch)
+            batches.append(" ".join(f"{names[s.seq.seq_id]}{s.num_tokens}" for s in batch))
+        finish_step(scheduler, in_flight.popleft())
         released.append("".join(names[i] for i in scheduler.take_released()))
     return batches, released
 
 
 def make_scheduler(specs: dict[str, tuple[int, int]], *, num_blocks: int = 64, block_size: int = 4,
-                   max_num_seqs: int = 8, budget: int = 64, caching: bool = False,
+                   max_num_seqs: int = 8, budget: int = 64, caching: bool = False, micro_batches: int = 1,
                    ) -> tuple[Scheduler, dict[str, Sequence], dict[int, str]]:
     """A scheduler with one sequence per name, added in order: name -> (prompt length,
     max_tokens); prompts of distinct tokens, so only what a test shares is shared."""
-    scheduler = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs, budget)
+    scheduler = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs, budget, micro_batches)
     seqs = {}
     for i, (name, (length, max_tokens)) in enumerate(specs.items()):
         seqs[name] = make_seq(i, [1000 * (i + 1) + t for t in range(length)], max_tokens)
@@ -209,6 +234,54 @@ def test_preemption_takes_the_newest_and_requeues_it_at_the_head():
     for s in seqs.values():  # nothing lost: every token is what its position samples
         assert s.output_ids == expected_output(s) and s.status is SeqStatus.FINISHED
     assert scheduler.blocks.num_free == 4
+
+
+def test_two_micro_batches_take_turns():
+    scheduler, seqs, names = make_scheduler({"A": (3, 3), "B": (3, 3), "C": (3, 3), "D": (3, 3)}, budget=6,
+                                            micro_batches=2)
+    batches, released = run_table(scheduler, names)
+    assert batches == [
+        "A3 B3",  # the budget holds two prompts
+        "C3 D3",  # while A and B are in flight, the next two
+        "A1 B1",  # A and B are back: their decodes
+        "C1 D1",
+        "A1 B1",
+        "C1 D1",
+    ]
+    assert released == ["", "", "", "", "AB", "CD"]
+    assert all(s.output_ids == expected_output(s) for s in seqs.values())
+
+
+def test_micro_batches_even_out_to_a_share_of_the_running_sequences():
+    scheduler, seqs, names = make_scheduler({n: (2, 4) for n in "ABCDE"}, budget=8, micro_batches=2)
+    batches, _ = run_table(scheduler, names)
+    assert batches == [
+        "A2 B2 C2 D2",  # admission fills the budget
+        "E2",
+        "A1 B1 C1",  # 5 running: a batch takes at most 3, and leaves D for the next
+        "D1 E1",
+        "A1 B1 C1",
+        "D1 E1",
+        "A1 B1 C1",
+        "D1 E1",
+    ]
+    assert all(s.output_ids == expected_output(s) for s in seqs.values())
+
+
+def test_a_sequence_whose_victim_is_in_flight_waits_for_it():
+    # 2 blocks of 4 tokens: A and B hold one each; each needs both by its end
+    scheduler, seqs, names = make_scheduler({"A": (4, 4), "B": (4, 4)}, num_blocks=2, budget=4, micro_batches=2)
+    batches, released = run_table(scheduler, names)
+    assert batches == [
+        "A4",
+        "B4",  # A is back and needs a second block: B, the newest, is in flight, so A waits
+        "A1",  # B is back: A preempts it
+        "A1", "A1",  # A finishes
+        "B4", "B1", "B1", "B1",  # B recomputes its prompt, then its token, then decodes
+    ]
+    assert released == ["", "", "B", "", "A", "", "", "", "B"]
+    assert scheduler.stats.preemptions == 1
+    assert all(s.output_ids == expected_output(s) for s in seqs.values())
 
 
 def test_a_preempted_sequence_is_resent_whole():
@@ -289,15 +362,18 @@ def test_a_waiting_sequences_prefix_hold_does_not_deadlock():
 # -- random workloads against the reference ------------------------------------------------
 
 
-def check_invariants(scheduler: Scheduler, batch: list[ScheduledSeq], live: list[Sequence]) -> None:
+def check_invariants(scheduler: Scheduler, batch: list[ScheduledSeq], live: list[Sequence],
+                     in_flight: deque[list[ScheduledSeq]]) -> None:
     assert sum(s.num_tokens for s in batch) <= scheduler.max_num_batched_tokens
     assert len(scheduler.running) <= scheduler.max_num_seqs
     assert all(s.num_tokens > 0 for s in batch)
-    assert len({s.seq.seq_id for s in batch}) == len(batch)
+    flying = [s.seq.seq_id for b in [*in_flight, batch] for s in b]
+    assert len(set(flying)) == len(flying), "a sequence is in two batches in flight"
     bs = scheduler.blocks.block_size
     for s in batch:
         assert s.seq.status is SeqStatus.RUNNING
         assert s.seq.num_computed + s.num_tokens <= s.seq.num_tokens
+    for s in (s for b in [*in_flight, batch] for s in b if not s.seq.is_finished):  # never preempted in flight
         assert len(s.seq.blocks.block_ids) * bs >= s.seq.num_computed + s.num_tokens
     holders: dict[int, int] = {}
     for seq in live:
@@ -308,16 +384,19 @@ def check_invariants(scheduler: Scheduler, batch: list[ScheduledSeq], live: list
     assert {s.seq_id for s in [*scheduler.running, *scheduler.waiting]} == {s.seq_id for s in live}
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
 @pytest.mark.parametrize("caching", [False, True])
 @pytest.mark.parametrize("seed", range(16))
-def test_random_workloads_match_the_reference_scheduler(seed, caching):
+def test_random_workloads_match_the_reference_scheduler(seed, caching, micro_batches):
+    """Each round either schedules a batch (a slot is free) or takes the oldest batch in
+    flight back, at random; aborts come at any time, in flight or not."""
     rng = random.Random(seed)
     block_size = rng.choice([2, 4])
     num_blocks = rng.randrange(4, 12)
     budget, max_num_seqs = rng.choice([1, 3, 8, 32]), rng.randrange(2, 6)
     capacity = num_blocks * block_size
-    scheduler = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs, budget)
-    ref = ReferenceScheduler(ReferencePool(num_blocks, block_size, caching), max_num_seqs, budget)
+    scheduler = Scheduler(BlockManager(num_blocks, block_size, caching), max_num_seqs, budget, micro_batches)
+    ref = ReferenceScheduler(ReferencePool(num_blocks, block_size, caching), max_num_seqs, budget, micro_batches)
     stems = [[rng.randrange(3) for _ in range(rng.randrange(0, capacity // 2))] for _ in range(3)]
     arrivals: dict[int, list[Sequence]] = {}
     for sid in range(rng.randrange(4, 12)):
@@ -326,46 +405,51 @@ def test_random_workloads_match_the_reference_scheduler(seed, caching):
         arrivals.setdefault(rng.randrange(8), []).append(seq)
     seqs = {s.seq_id: s for group in arrivals.values() for s in group}
     aborted = set()
+    in_flight: deque[list[ScheduledSeq]] = deque()
 
     def abort(seq: Sequence) -> None:
         scheduler.finish(seq, "abort")
         ref.finish(seq.seq_id)
         aborted.add(seq.seq_id)
 
-    for step in range(2000):
+    for step in range(4000):
         for seq in arrivals.get(step, []):
             scheduler.add(seq)
             ref.add(seq.seq_id, seq.prompt_ids)
         live = [s for s in seqs.values() if s.status is not SeqStatus.FINISHED and s.seq_id in ref.tokens]
-        if live and rng.random() < 0.02:
+        if live and rng.random() < 0.02:  # in flight or not
             abort(rng.choice(live))
-        batch = scheduler.schedule()
-        assert [(s.seq.seq_id, s.num_tokens) for s in batch] == ref.schedule()
-        live = [s for s in live if not s.is_finished]
-        check_invariants(scheduler, batch, live)
-        if live and rng.random() < 0.02:  # aborted while the step runs
-            abort(rng.choice(live))
-        tokens = [token_at(s.seq.seq_id, s.seq.num_tokens) for s in batch
-                  if s.seq.num_computed + s.num_tokens == s.seq.num_tokens]
-        sampled = scheduler.update(batch, [SampledToken(t) for t in tokens])
-        ref_sampled = ref.update([(s.seq.seq_id, s.num_tokens) for s in batch], tokens)
-        assert [(seq.seq_id, t.token_id) for seq, t in sampled] == ref_sampled
-        for seq, token in sampled:
-            seq.output_ids.append(token.token_id)
-            ref.tokens[seq.seq_id].append(token.token_id)
-            if len(seq.output_ids) >= seq.params.max_tokens:
-                scheduler.finish(seq, "length")
-                ref.finish(seq.seq_id)
+            live = [s for s in live if not s.is_finished]
+        if len(in_flight) < micro_batches and (not in_flight or rng.random() < 0.6):
+            batch = scheduler.schedule()
+            assert [(s.seq.seq_id, s.num_tokens) for s in batch] == ref.schedule()
+            check_invariants(scheduler, batch, live, in_flight)
+            if batch:
+                in_flight.append(batch)
+        else:  # the oldest batch comes back
+            batch = in_flight.popleft()
+            tokens = [token_at(s.seq.seq_id, s.seq.num_tokens) for s in batch
+                      if s.seq.num_computed + s.num_tokens == s.seq.num_tokens]
+            sampled = scheduler.update(batch, [SampledToken(t) for t in tokens])
+            ref_sampled = ref.update([(s.seq.seq_id, s.num_tokens) for s in batch], tokens)
+            assert [(seq.seq_id, t.token_id) for seq, t in sampled] == ref_sampled
+            for seq, token in sampled:
+                seq.output_ids.append(token.token_id)
+                ref.tokens[seq.seq_id].append(token.token_id)
+                if len(seq.output_ids) >= seq.params.max_tokens:
+                    scheduler.finish(seq, "length")
+                    ref.finish(seq.seq_id)
         assert scheduler.take_released() == ref.released
         ref.released = []
         assert [s.seq_id for s in scheduler.waiting] == ref.waiting
         assert [s.seq_id for s in scheduler.running] == ref.running
+        assert {s.seq_id for s in scheduler.in_flight} == ref.in_flight
         assert {s.seq_id: s.num_computed for s in scheduler.running} == {i: ref.computed[i] for i in ref.running}
         assert scheduler.stats.preemptions == ref.preemptions
         assert (scheduler.stats.prefix_queried_tokens, scheduler.stats.prefix_hit_tokens) == (
             ref.prefix_queried, ref.prefix_hits)
         assert_same_state(scheduler.blocks, ref.pool, {i: s.blocks for i, s in seqs.items() if i in ref.tokens})
-        if step >= max(arrivals) and not scheduler.has_work():
+        if step >= max(arrivals) and not scheduler.has_work() and not in_flight:
             break
     assert not scheduler.has_work(), "some sequence never finished"
     for seq in seqs.values():

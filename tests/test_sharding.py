@@ -134,3 +134,14 @@ def test_layer_partition():
         layer_partition(5, 6)
     with pytest.raises(ShardingError, match="summing to num_hidden_layers=5"):
         layer_partition(5, 2, [2, 2])
+
+
+def test_layer_partition_counts_the_lm_head_on_the_last_stage():
+    """The busiest stage's work is least: the last stage's layers plus the head against the
+    others' layers; ties go to the smaller spread, then to fewer layers last."""
+    assert layer_partition(30, 2, head_layers=0.0) == [15, 15]
+    assert layer_partition(31, 2, head_layers=0.0) == [16, 15]
+    assert layer_partition(30, 2, head_layers=4.1) == [17, 13]  # 17 against 17.1
+    assert layer_partition(30, 3, head_layers=4.1) == [12, 11, 7]  # 12, 11, 11.1
+    assert layer_partition(4, 2, head_layers=10.0) == [3, 1]  # every stage keeps a layer
+    assert layer_partition(30, 2, [15, 15], head_layers=4.1) == [15, 15]  # an explicit partition stands

@@ -6,7 +6,8 @@ generates exactly its drawn length) or, with `--offline CONFIG`, straight to an 
 built in this process (no HTTP; tp=1 runs without Ray, on `parallel.device`). Requests
 arrive all at once, or as a Poisson process at `--request-rate`, optionally capped at
 `--max-concurrency` in flight. Prints throughput and latency percentiles (and, offline,
-each rank's all-reduce share of its forward time) and writes them as JSON.
+each rank's all-reduce share of its forward time and each pipeline stage's busy share)
+and writes them as JSON.
 """
 
 import asyncio
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from deploy.bench.stats import RequestRecord, all_reduce_shares, summarize
+from deploy.bench.stats import RequestRecord, all_reduce_shares, stage_shares, summarize
 from deploy.bench.workload import Workload, arrival_offsets
 
 if TYPE_CHECKING:  # the CLI imports this module: httpx (the `bench` extra) only when benchmarking a URL
@@ -124,15 +125,16 @@ async def bench_online(url: str, work: Workload, *, model: str | None = None, ap
 async def bench_engine(engine, work: Workload, *, request_rate: float = math.inf,
                        max_concurrency: int | None = None, progress: bool = True) -> dict:
     """The workload on an engine, after one short warm-up request; adds each rank's
-    all-reduce share over the timed run."""
+    all-reduce share and each pipeline stage's busy share over the timed run."""
     if work.max_total_len > engine.max_model_len:
         raise ValueError(f"the workload needs prompt + output up to {work.max_total_len} tokens; "
                          f"raise engine.max_model_len (now {engine.max_model_len}) or shorten the workload")
     send = engine_sender(engine)
     await send(work.prompts[0][:8], 2, RequestRecord(8, 2))
-    before = await engine.rank_stats()
+    before, stages_before = await engine.rank_stats(), engine.stage_times()
     records, seconds = await run_load(work, send, request_rate=request_rate, max_concurrency=max_concurrency,
                                       progress=progress)
     summary = summarize(records, seconds)
     summary["ranks"] = all_reduce_shares(before, await engine.rank_stats())
+    summary["stages"] = stage_shares(stages_before, engine.stage_times())
     return summary

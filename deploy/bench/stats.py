@@ -1,6 +1,7 @@
 """What a benchmark run measured: one record per request, summarized the way vLLM's serving
 benchmark does (request throughput, output tokens/s, TTFT, inter-token latency, time per
-output token, end-to-end latency; mean, p50, p90, p99), plus each rank's all-reduce share.
+output token, end-to-end latency; mean, p50, p90, p99), plus each rank's all-reduce share
+and each pipeline stage's busy share.
 
 Times are `time.perf_counter()` seconds. A record's chunk times are when each piece of
 output arrived: one token per chunk from the engine, possibly several per server-sent event
@@ -10,6 +11,7 @@ over HTTP (text held back by the detokenizer), so ITL is measured between chunks
 from dataclasses import dataclass, field
 
 from actors.worker import RankStats
+from cluster.in_flight import StageTimes
 
 PERCENTILES = (50, 90, 99)
 
@@ -116,3 +118,17 @@ def format_shares(rows: list[dict]) -> str:
         f"{r['all_reduces']} all-reduces {r['all_reduce_s']:.2f} s = {100 * r['all_reduce_share']:.1f}% of the forward"
         for r in rows
     )
+
+
+def stage_shares(before: StageTimes, after: StageTimes) -> list[dict]:
+    """Per pipeline stage, over the run between two `Engine.stage_times()` snapshots: busy
+    and bubble seconds, and the busy share of the time the engine had work."""
+    active = after.active_s - before.active_s
+    return [{"stage": stage, "busy_s": a - b, "bubble_s": max(0.0, active - (a - b)),
+             "busy_share": (a - b) / active if active > 0 else 0.0}
+            for stage, (b, a) in enumerate(zip(before.busy_s, after.busy_s))]
+
+
+def format_stages(rows: list[dict]) -> str:
+    return "\n".join(f"  stage {r['stage']}: busy {r['busy_s']:.1f} s, bubble {r['bubble_s']:.1f} s = "
+                     f"{100 * r['busy_share']:.1f}% busy" for r in rows)

@@ -11,7 +11,7 @@ from cluster.config import ConfigError, load_config
 from cluster.replica import build_engine
 from deploy.bench.compare_hf import DEFAULT_HF_BATCH_SIZES, compare_with_hf, format_report
 from deploy.bench.loadgen import bench_engine, bench_online
-from deploy.bench.stats import format_shares, format_summary
+from deploy.bench.stats import format_shares, format_stages, format_summary
 from deploy.bench.workload import MIXED, WorkloadSpec, length_range, make_workload
 from deploy.cli.cluster_args import add_cluster_args, ray_session_of
 
@@ -84,6 +84,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     if summary.get("ranks"):
         print("all-reduce share of each rank's forward time:\n" + format_shares(summary["ranks"]))
+    if summary.get("stages"):
+        print("pipeline stages, while the engine had work:\n" + format_stages(summary["stages"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rate = args.request_rate if math.isfinite(args.request_rate) else "inf"  # JSON has no Infinity
