@@ -15,13 +15,13 @@ engine state is touched only from the event loop. Worker failures and re-layouts
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from actors.sampling_params import ParamError, SamplingParams
 from actors.step_io import RankStats, SeqStep, StepInput
 from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_client import EngineDeadError, EngineOverloadedError, EngineStats, RequestOutput
+from cluster.engine_client import EngineDeadError, EngineLimits, EngineOverloadedError, EngineStats, RequestOutput
 from cluster.executor import Executor
 from cluster.in_flight import InFlight, StageTimes
 from cluster.kv_blocks import BlockManager
@@ -30,25 +30,6 @@ from cluster.output import OutputProcessor, RequestState
 from cluster.scheduler import ScheduledSeq, Scheduler
 from cluster.sequence import Sequence
 from cluster.worker_replacement import WorkerReplacement
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_model_len: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    enable_prefix_caching: bool = True
-    max_waiting_requests: int = 256
-    max_resumes: int = 3  # worker failures one request may live through
-
-    def misfit(self, prompt_tokens: int, max_tokens: int, num_kv_blocks: int) -> str | None:
-        """Why a request of this size can never run within these limits, or None."""
-        if prompt_tokens + max_tokens > self.max_model_len:
-            return f"prompt + max_tokens exceeds max_model_len={self.max_model_len}"
-        if prompt_tokens + max_tokens > num_kv_blocks * self.block_size:
-            return f"prompt + max_tokens exceeds the whole KV cache ({num_kv_blocks * self.block_size} tokens)"
-        return None
 
 
 def seed_for_completion(seed: int | None, index: int) -> int | None:

@@ -28,6 +28,27 @@ class EngineOverloadedError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class EngineLimits:
+    """What one engine holds at most; a request that can never fit is refused (HTTP 400)."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 256
+    max_resumes: int = 3  # worker failures one request may live through
+
+    def misfit(self, prompt_tokens: int, max_tokens: int, num_kv_blocks: int) -> str | None:
+        """Why a request of this size can never run within these limits, or None."""
+        if prompt_tokens + max_tokens > self.max_model_len:
+            return f"prompt + max_tokens exceeds max_model_len={self.max_model_len}"
+        if prompt_tokens + max_tokens > num_kv_blocks * self.block_size:
+            return f"prompt + max_tokens exceeds the whole KV cache ({num_kv_blocks * self.block_size} tokens)"
+        return None
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     logprob: float

@@ -22,13 +22,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from cluster.engine_client import EngineDeadError, EngineGaveUpError
+from cluster.engine_client import EngineDeadError, EngineGaveUpError, EngineLimits
 from cluster.executor import Executor
-
-if TYPE_CHECKING:  # the engine inherits this class; only its type is needed here
-    from cluster.engine import EngineLimits
 
 # Rebuild attempts after a failure, and the pause before each (a node may be coming back).
 REBUILD_BACKOFF_S = (0.0, 2.0, 5.0, 10.0, 30.0)
