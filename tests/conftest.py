@@ -75,25 +75,3 @@ def chat_model_dir(tmp_path_factory, smollm2_tokenizer):
                            pad_token_id=smollm2_tokenizer.pad_token_id), path)
     smollm2_tokenizer.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_api(smollm2_gguf):
-    """The real model's engine in this process (tp=1; on the session's Ray cluster if one is
-    connected) behind uvicorn on 127.0.0.1: (base URL, engine)."""
-    from cluster.config import TensorfleetConfig
-    from cluster.replica import build_engine
-    from deploy.server.api import build_api
-    from tests.servers import uvicorn_server
-
-    config = TensorfleetConfig.model_validate({
-        "model": str(smollm2_gguf), "served_model_name": "SmolLM2-135M-Instruct", "dtype": "float32",
-        "parallel": {"device": "cpu"},
-        "engine": {"max_model_len": 2048, "max_num_seqs": 32, "block_size": 16},
-    })
-    engine = build_engine(config, log=lambda m: None)
-    try:
-        with uvicorn_server(build_api(engine, served_model_name=config.served_model_name)) as url:
-            yield url, engine
-    finally:
-        engine.shutdown()

@@ -1,5 +1,5 @@
 """The OpenAI API people actually call, with the official openai client, against the real
-SmolLM2-135M-Instruct (engine in this process behind uvicorn, `smollm2_api` in conftest):
+SmolLM2-135M-Instruct (engine in this process behind uvicorn, `smollm2_api` below):
 json_schema outputs that parse and validate, forced tool calls whose arguments follow their
 schema (streamed and not), penalties equal to a reference written here on token ids, a
 logit bias that forces its token, a prompt list equal to its prompts sent one by one, and
@@ -43,6 +43,29 @@ WEATHER = {
     },
 }
 ASK_WEATHER = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_api(smollm2_gguf):
+    """The real model's engine in this process (tp=1; on the session's Ray cluster if one is
+    connected) behind uvicorn on 127.0.0.1: (base URL, engine). Module-scoped: on a shared
+    Ray cluster its worker holds a GPU, which later modules' layouts need back."""
+    from cluster.config import TensorfleetConfig
+    from cluster.replica import build_engine
+    from deploy.server.api import build_api
+    from tests.servers import uvicorn_server
+
+    config = TensorfleetConfig.model_validate({
+        "model": str(smollm2_gguf), "served_model_name": "SmolLM2-135M-Instruct", "dtype": "float32",
+        "parallel": {"device": "cpu"},
+        "engine": {"max_model_len": 2048, "max_num_seqs": 32, "block_size": 16},
+    })
+    engine = build_engine(config, log=lambda m: None)
+    try:
+        with uvicorn_server(build_api(engine, served_model_name=config.served_model_name)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -151,11 +151,12 @@ def test_sized_kv_cache_fills_the_budget_on_the_tightest_gpu():
 
 
 def test_activation_reserve_and_kv_blocks_by_hand():
-    # Llama-3-8B at tp=3 x pp=2 (16 layers a stage) on 6 GiB GPUs, so memory, not
+    # Llama-3-8B at tp=3 x pp=2 (16 layers a stage, set: the balanced default counts the LM
+    # head as layers and gives stage 0 more) on 6 GiB GPUs, so memory, not
     # max_num_seqs x max_model_len, bounds the cache; defaults: 4096 batched tokens, 64
     # sequences, blocks of 16, 0.9 of the memory. Ranks hold (query heads, KV heads, MLP
     # columns) 11, 3, 4800 | 11, 4, 4768 | 10, 3, 4768 (see the tp=3 test above).
-    p = plan(tp=3, pp=2, cluster=ClusterSpec(2, 8, 6 * GiB))
+    p = plan(tp=3, pp=2, partition=[16, 16], cluster=ClusterSpec(2, 8, 6 * GiB))
     budget = int(6 * GiB * 0.9)
     vocab_slice = 128256 // 3  # rows of the embedding / LM head per rank (no padding at tp=3)
     rooms = []

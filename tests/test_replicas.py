@@ -67,6 +67,18 @@ def test_planner_checks_that_the_replicas_fit_the_cluster():
     assert "4 replicas: 8 GPUs" in format_plan(_plan(1, 2, 4, {"num_replicas": 4}))
 
 
+def test_the_two_replica_demo_config_fits_2x2_and_not_1x2(capsys):
+    """deploy/configs/smollm2-2-replicas.yaml: the default model, two replicas of tp=2, one per
+    node of `--simulate 2x2`; one node of two GPUs holds only one replica."""
+    from deploy.cli.main import main
+
+    demo = str(Path(__file__).resolve().parents[1] / "deploy" / "configs" / "smollm2-2-replicas.yaml")
+    assert main(["plan", demo, "--nodes", "2", "--gpus-per-node", "2", "--gpu-memory", "16GiB"]) == 0
+    assert "2 replicas: 4 GPUs" in capsys.readouterr().out
+    assert main(["plan", demo, "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "16GiB"]) == 2
+    assert "serve.num_replicas: 2 replicas" in capsys.readouterr().err
+
+
 # -- the router over fake replicas ----------------------------------------------------------
 
 def _replica(name: str) -> SimpleNamespace:
