@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cluster.node_facts import NodeFacts
 from cluster.placement import stages_that_fit
-from cluster.plan import GiB, Plan
+from cluster.plan import Plan, gib
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
@@ -38,16 +38,13 @@ class NodeResources:
     free: dict[str, float]
 
 
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
 
 def plan_row(plan: Plan) -> Check:
     biggest = max(plan.ranks, key=lambda r: r.total_bytes)
     return Check("plan", "cluster", OK,
                  f"tp={plan.tp} x pp={plan.pp}, layers per stage {list(plan.partition)}, "
-                 f"{plan.num_kv_blocks} KV blocks; up to {_gib(biggest.total_bytes)} per rank "
-                 f"(weights {_gib(biggest.weight_bytes)}, KV cache {_gib(biggest.kv_cache_bytes)})")
+                 f"{plan.num_kv_blocks} KV blocks; up to {gib(biggest.total_bytes)} per rank "
+                 f"(weights {gib(biggest.weight_bytes)}, KV cache {gib(biggest.kv_cache_bytes)})")
 
 
 def placement_rows(tp: int, pp: int, bundle: dict[str, float],
@@ -144,7 +141,7 @@ def memory_rows(nodes: dict[str, NodeFacts], needs: dict[str, list[tuple[str, in
             continue
         if not f.gpus:
             need = sum(n for _, n, _ in ranks)
-            detail = f"{_gib(f.ram_available_bytes)} of RAM available; its {len(ranks)} rank(s) need {_gib(need)}"
+            detail = f"{gib(f.ram_available_bytes)} of RAM available; its {len(ranks)} rank(s) need {gib(need)}"
             rows.append(Check("memory", label, OK, detail) if need <= f.ram_available_bytes else Check(
                 "memory", label, FAIL, detail, "free RAM on this node, or lower engine.num_kv_blocks / max_num_seqs"))
             continue
@@ -154,14 +151,14 @@ def memory_rows(nodes: dict[str, NodeFacts], needs: dict[str, list[tuple[str, in
         for (rank, need, index), fallback in zip(ranks, spare):
             gpu = by_index.get(index, fallback)
             if gpu.free_bytes < need:
-                short.append(f"GPU {gpu.index} has {_gib(gpu.free_bytes)} free, rank {rank} needs {_gib(need)}")
+                short.append(f"GPU {gpu.index} has {gib(gpu.free_bytes)} free, rank {rank} needs {gib(need)}")
         if short:
             rows.append(Check("memory", label, FAIL, "; ".join(short),
                               "free those GPUs (nvidia-smi lists what holds them), or lower "
                               "engine.gpu_memory_utilization or engine.num_kv_blocks"))
         else:
             rows.append(Check("memory", label, OK, f"every rank's GPU has its share free (up to "
-                              f"{_gib(max(n for _, n, _ in ranks))} per rank)"))
+                              f"{gib(max(n for _, n, _ in ranks))} per rank)"))
     return rows
 
 

@@ -128,7 +128,7 @@ class Plan:
         return int(self.cluster.gpu_memory_bytes * self.gpu_memory_utilization)
 
 
-def _layer_params(shape: ModelShape, shard: RankShard) -> int:
+def layer_params(shape: ModelShape, shard: RankShard) -> int:
     """Parameters of one decoder layer on one rank (see the module docstring)."""
     hidden, d, heads = shape.hidden_size, shape.head_dim, shard.heads
     qkv_width = (heads.num_heads + 2 * heads.num_kv_heads) * d
@@ -145,7 +145,7 @@ def _rank_params(shape: ModelShape, tp: int, shard: RankShard, n_layers: int,
     """Parameters one rank holds (see the module docstring)."""
     hidden = shape.hidden_size
     vocab_shard = padded_vocab_size(shape.vocab_size, tp) // tp * hidden
-    total = n_layers * _layer_params(shape, shard)
+    total = n_layers * layer_params(shape, shard)
     if first:
         total += vocab_shard
     if last:
@@ -160,7 +160,7 @@ def lm_head_layers(shape: ModelShape) -> float:
     counts half its weights' worth of layers. On SmolLM2-135M (49152 x 576 against 3.5M
     weights a layer: 4 layers) this is what one CPU thread measures on decode batches of
     12-24 sequences (4.3-4.9 layers)."""
-    return shape.vocab_size * shape.hidden_size / _layer_params(shape, rank_shards(shape, 1)[0]) / 2
+    return shape.vocab_size * shape.hidden_size / layer_params(shape, rank_shards(shape, 1)[0]) / 2
 
 
 def _activation_bytes(shape: ModelShape, engine: EngineConfig, tp: int, shard: RankShard,
@@ -180,7 +180,7 @@ def _activation_bytes(shape: ModelShape, engine: EngineConfig, tp: int, shard: R
     return reserve
 
 
-def _gib(n: int | float) -> str:
+def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
@@ -252,7 +252,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
     nbytes = dtype.itemsize
     budget = int(cluster.gpu_memory_bytes * engine.gpu_memory_utilization)
     budget_text = (f"gpu_memory_utilization={engine.gpu_memory_utilization} x "
-                   f"{_gib(cluster.gpu_memory_bytes)} = {_gib(budget)}")
+                   f"{gib(cluster.gpu_memory_bytes)} = {gib(budget)}")
 
     # Per rank: (stage, tp_rank, shard, weights, activations, block bytes).
     draft = []
@@ -268,9 +268,9 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
                 full = _rank_params(shape, 1, whole, shape.num_hidden_layers, True, True, 1)
                 full *= nbytes
                 raise PlanError(
-                    f"parallel: the weights do not fit: stage {s} needs {_gib(weights)} of "
-                    f"weights plus a {_gib(act)} activation reserve per GPU, but {budget_text}. "
-                    f"The whole model is {_gib(full)}, so it needs at least "
+                    f"parallel: the weights do not fit: stage {s} needs {gib(weights)} of "
+                    f"weights plus a {gib(act)} activation reserve per GPU, but {budget_text}. "
+                    f"The whole model is {gib(full)}, so it needs at least "
                     f"{math.ceil(full / budget)} GPUs of this size: raise "
                     f"parallel.tensor_parallel_size (up to {cluster.gpus_per_node} per node) or "
                     f"parallel.pipeline_parallel_size, or use GPUs with more memory"
@@ -301,9 +301,9 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
             s, _, _, w, a, b = draft[room.index(num_blocks)]
             raise PlanError(
                 f"engine.max_model_len: stage {s} has room for {max(num_blocks, 0)} KV blocks "
-                f"({max(num_blocks, 0) * engine.block_size} tokens) after {_gib(w)} of weights "
-                f"and a {_gib(a)} activation reserve ({budget_text}), but one sequence of "
-                f"max_model_len={engine.max_model_len} needs {per_seq} blocks ({_gib(per_seq * b)} "
+                f"({max(num_blocks, 0) * engine.block_size} tokens) after {gib(w)} of weights "
+                f"and a {gib(a)} activation reserve ({budget_text}), but one sequence of "
+                f"max_model_len={engine.max_model_len} needs {per_seq} blocks ({gib(per_seq * b)} "
                 f"per GPU); lower engine.max_model_len or engine.max_num_batched_tokens, raise "
                 f"engine.gpu_memory_utilization, or spread the model over more GPUs"
             )
@@ -319,7 +319,7 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         "activation reserve per GPU: max_num_batched_tokens x (3 x hidden + qkv width + "
         "3 x the rank's intermediate columns) in the model dtype; the last stage adds max_num_seqs float32 "
         "logit rows x (padded_vocab/tp + 2 x padded_vocab)",
-        f"the {_gib(cluster.gpu_memory_bytes - budget)} per GPU outside gpu_memory_utilization "
+        f"the {gib(cluster.gpu_memory_bytes - budget)} per GPU outside gpu_memory_utilization "
         "is left for the CUDA context, NCCL buffers and allocator fragmentation",
         f"num_kv_blocks={num_blocks} given by engine.num_kv_blocks"
         if engine.num_kv_blocks is not None else
@@ -335,91 +335,3 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)), replicas=serve.max_replicas,
         assumptions=assumptions,
     )
-
-
-def balance(plan: Plan) -> list[str]:
-    """The TP split's imbalance in words (the same on every stage): each all-reduce waits
-    for the rank with the most work, so a step pays for the largest share."""
-    if plan.tp == 1:
-        return []
-    ranks = plan.stages[0].ranks
-    how = (f"tensor_split [{', '.join(f'{w:g}' for w in plan.tensor_split)}]"
-           if plan.tensor_split is not None else "as even as possible")
-
-    def compare(what: str, unit: str, counts: list[int]) -> str:
-        hi, lo = counts.index(max(counts)), counts.index(min(counts))
-        if counts[hi] == counts[lo]:
-            return f"{what} even ({counts[0]} {unit} per rank)"
-        return (f"rank {hi} does {counts[hi] / counts[lo]:.2f}x the {what} work of rank {lo} "
-                f"({counts[hi]} vs {counts[lo]} {unit})")
-
-    layer = [_layer_params(plan.shape, RankShard(r.heads, r.intermediate)) for r in ranks]
-    hi, lo = layer.index(max(layer)), layer.index(min(layer))
-    return [
-        f"TP split ({how}): "
-        + compare("attention", "query heads", [r.heads.num_heads for r in ranks]) + "; "
-        + compare("MLP", "columns", [r.intermediate.size for r in ranks]) + ";",
-        f"  per layer, rank {hi} holds {layer[hi] / layer[lo]:.2f}x the weights of rank {lo} "
-        "(what a decode step reads); each all-reduce waits for the busiest rank",
-    ]
-
-
-def _span(start: int, count: int) -> str:
-    return str(start) if count == 1 else f"{start}-{start + count - 1}"
-
-
-def format_plan(plan: Plan) -> str:
-    """A readable table: one row per GPU (stage, tp_rank), memory in GiB, then totals."""
-    shape, dtype = plan.shape, str(plan.dtype).removeprefix("torch.")
-    c = plan.cluster
-    lines = [
-        f"model: {shape.architecture}, {shape.num_hidden_layers} layers, "
-        f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} KV heads, "
-        f"hidden {shape.hidden_size}, vocab {shape.vocab_size} "
-        f"(padded to {padded_vocab_size(shape.vocab_size, plan.tp)}), {dtype}",
-        f"layout: tensor_parallel_size={plan.tp} x pipeline_parallel_size={plan.pp} = "
-        f"{plan.gpus} GPUs on {plan.nodes} node(s); cluster: {c.nodes} node(s) x "
-        f"{c.gpus_per_node} GPUs x {_gib(c.gpu_memory_bytes)}",
-        f"memory per GPU in GiB (budget: gpu_memory_utilization={plan.gpu_memory_utilization}"
-        f" x {_gib(c.gpu_memory_bytes)} = {_gib(plan.budget_bytes)})",
-        "",
-    ]
-    header = ["stage", "layers", "tp_rank", "q_heads", "kv_heads", "mlp_cols",
-              "weights", "activ", "kv_cache", "total"]
-    rows = [header]
-    for st in plan.stages:
-        for r in st.ranks:
-            h, cols = r.heads, r.intermediate
-            rows.append([
-                str(st.stage), _span(st.layers.start, len(st.layers)), str(r.tp_rank),
-                _span(h.head_start, h.num_heads), _span(h.kv_head_start, h.num_kv_heads),
-                _span(cols.start, cols.size),
-                *(f"{n / GiB:.2f}" for n in
-                  (r.weight_bytes, r.activation_bytes, r.kv_cache_bytes, r.total_bytes)),
-            ])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [v.ljust(w) if i in (1, 3, 4, 5) else v.rjust(w)
-                 for i, (v, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    weights = sum(r.weight_bytes for r in plan.ranks)
-    blocks = ", ".join(
-        f"stage {st.stage}: " + " / ".join(f"{n / 2**20:.2f}" for n in sorted({r.kv_block_bytes for r in st.ranks}))
-        + " MiB"
-        for st in plan.stages
-    )
-    source = "engine.num_kv_blocks" if plan.num_kv_blocks_given else "sized from memory"
-    lines += [
-        "",
-        f"weights: {_gib(weights)} over {plan.gpus} GPUs (replicated norms included)",
-        f"KV cache: {plan.num_kv_blocks} blocks ({source}) x block_size={plan.block_size} = "
-        f"{plan.kv_tokens} tokens = {plan.kv_tokens // plan.max_model_len} full sequences of "
-        f"max_model_len={plan.max_model_len}",
-        f"bytes per KV block per GPU: {blocks}",
-        *balance(plan),
-        f"total: {plan.gpus} GPUs, {plan.nodes} node(s)" + (
-            f" per replica; {plan.replicas} replicas: {plan.replicas * plan.gpus} GPUs" if plan.replicas > 1 else ""),
-        "assumed:",
-        *(f"  - {a}" for a in plan.assumptions),
-    ]
-    return "\n".join(lines)

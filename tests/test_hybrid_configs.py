@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import deploy.cli.plan
-from cluster.plan import Plan, format_plan
+from cluster.plan import Plan
+from cluster.plan_report import format_plan
 from deploy.cli.main import main
 from tests.test_plan import table_rows
 

@@ -20,7 +20,8 @@ from ray import serve
 from actors.model_shape import ModelShape
 from cluster.config import ConfigError, EngineConfig, ParallelConfig, ServeConfig
 from cluster.kv_blocks import prefix_keys
-from cluster.plan import ClusterSpec, PlanError, format_plan, make_plan
+from cluster.plan import ClusterSpec, PlanError, make_plan
+from cluster.plan_report import format_plan
 from deploy.server.app import APP_NAME, ENGINE
 from deploy.server.router import PrefixAwareRouter
 from tests.servers import serve_app

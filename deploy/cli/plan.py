@@ -8,7 +8,8 @@ import re
 
 from actors.checkpoint import open_checkpoint
 from cluster.config import resolve_dtype
-from cluster.plan import ClusterSpec, format_plan, make_plan
+from cluster.plan import ClusterSpec, make_plan
+from cluster.plan_report import format_plan
 from cluster.replica import device_memory_bytes
 from deploy.default_model import config_or_default
 
