@@ -282,8 +282,10 @@ def engine_replicas() -> list:
 @pytest.mark.slow
 async def test_a_replica_dies_during_8_streams_and_they_finish_on_its_sibling(two_replicas):
     """8 streams over the two replicas (8 new prefixes spread by load); one replica's process
-    is killed while every stream runs: all 8 complete, with the texts of an undisturbed run."""
-    prompts = [f"def function_{i}(x):\n    return" for i in range(8)]
+    is killed while every stream runs: all 8 complete, with the texts of an undisturbed run.
+    The prompts differ from their first token, so no block is shared and each replica gets
+    four (a shared first block would send all 8 to one replica, maybe the one left alive)."""
+    prompts = [f"{i} def function(x):\n    return" for i in range(8)]
     async with httpx.AsyncClient(timeout=300) as http:
         undisturbed = await asyncio.gather(*(stream_text(http, two_replicas, p, [0], 0) for p in prompts))
         progress = [0] * 8
