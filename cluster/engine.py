@@ -13,6 +13,7 @@ engine state is touched only from the event loop. Worker failures and re-layouts
 """
 
 import asyncio
+import contextvars
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -275,6 +276,10 @@ class Engine(WorkerReplacement):
         self.executor.shutdown()
 
     def _ensure_loop(self) -> None:
+        """Start the loop in a context of its own, not the request's that starts it: inside a
+        Ray actor that context carries the request's task id, the parent of every worker call
+        the loop makes, and Ray cancels a task's pending children with it (Serve cancels a
+        request's call when its caller stops reading), which would kill steps in flight."""
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())

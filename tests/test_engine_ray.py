@@ -2,12 +2,14 @@
 in flight: concurrent greedy requests produce exactly Hugging Face's tokens for each
 prompt alone (heads split evenly and unevenly), and seeded ones those of one process
 without a pipeline, with preemption and chunked prefill in the mix; steps longer than the
-health check's timeout are not mistaken for dead workers."""
+health check's timeout are not mistaken for dead workers, nor is a cancelled request's call
+(in an async actor, as in a Serve replica) the end of the steps in flight."""
 
 import asyncio
 import time
 
 import pytest
+import ray
 
 from actors.ray_worker import RayWorker
 from actors.sampling_params import SamplingParams
@@ -156,3 +158,47 @@ async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_clu
     finally:
         prober.cancel()
         engine.shutdown()
+
+
+
+
+@ray.remote(num_cpus=0)
+class EngineHost:
+    """An engine inside an async Ray actor, as in a Serve replica: `generate` is a streaming
+    actor task, which its caller cancels when it stops reading (Serve's handle does). Slow
+    steps keep the second stage's step queued on its worker, where a cancel reaches it."""
+
+    def __init__(self, config: dict):
+        cfg = TensorfleetConfig.model_validate(config)
+        plan, spec = plan_replica(cfg)
+        executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
+                               placement_timeout_s=300)
+        self.engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
+                             rebuild=None)  # a cancelled step fails the requests
+
+    async def generate(self, request_id: str, prompt: list[int], max_tokens: int):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        async for out in self.engine.generate(request_id, prompt, params):
+            yield [t for d in out.deltas for t in d.token_ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+async def test_cancelling_the_request_that_started_the_loop_cancels_none_of_its_steps(ray_cluster_2x2, tiny_llama_dir):
+    """The engine's loop starts inside the first request's actor task, and Ray cancels a
+    task's pending children with it: steps sent from a loop that kept that task's context
+    would die when the ingress cancels that request's call (as it does for every request it
+    stops reading once finished), failing every other request on the replica."""
+    path, hf = tiny_llama_dir
+    host = EngineHost.remote(engine_config(path, num_kv_blocks=64).model_dump())
+    try:
+        first = host.generate.options(num_returns="streaming").remote("first", [5, 6, 7], 100)  # starts the loop
+        await (await first.__anext__())
+        second = host.generate.options(num_returns="streaming").remote("second", [8, 9, 10], 3)
+        await asyncio.sleep(SLOW_STEP_S)  # the second request's steps are on the workers
+        ray.cancel(first)
+        assert [t async for ref in second for t in await ref] == hf_greedy(hf, [8, 9, 10], 3)
+        await host.shutdown.remote()
+    finally:
+        ray.kill(host)

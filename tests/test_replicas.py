@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import time
+from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,7 +90,8 @@ def _replica(name: str) -> SimpleNamespace:
 
 def _request(request_id: str, prompt: list[int] | None, method: str = "generate") -> SimpleNamespace:
     kwargs = {"prompt_token_ids": prompt} if prompt is not None else {}
-    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(call_method=method, internal_request_id=request_id))
+    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(call_method=method, internal_request_id=request_id),
+                           future=Future())  # Serve sets the chosen replica on it
 
 
 def _router(max_load_imbalance: int = 2) -> PrefixAwareRouter:
@@ -118,6 +121,27 @@ def test_router_follows_the_prefix_and_spreads_new_ones():
     other = _route(router2, replicas, _request("y", [9] * 4))  # the other, for balance
     router2.on_request_routed(_request("z", system_a[:8] + [5]), other, None)
     assert _route(router2, replicas, _request("w", system_a + [7])) == other
+
+
+def _choose(router, replicas, request) -> str:
+    return asyncio.run(router.choose_replicas(replicas, request))[0][0].replica_id
+
+
+def test_router_spreads_a_burst_chosen_before_any_is_routed():
+    """Serve routes a burst side by side: each request is chosen for, then waits for its
+    replica to accept it. Chosen counts as load at once, so 8 new prompts go 4 and 4; a
+    request chosen again does not count against its own choice; a cancelled one stops counting."""
+    router, replicas = _router(), [_replica("a"), _replica("b")]
+    burst = [_request(str(i), [i] * 8) for i in range(8)]
+    chosen = [_choose(router, replicas, r) for r in burst]
+    assert Counter(chosen) == {"a": 4, "b": 4}
+    assert _choose(router, replicas, burst[0]) == chosen[0]  # a retry, as before
+    for request, replica in zip(burst, chosen):
+        if replica == "a":
+            request.future.cancel()
+    assert [_choose(router, replicas, _request(f"n{i}", [50 + i] * 8)) for i in range(4)] == ["a"] * 4
+    router.on_request_routed(burst[1], chosen[1], None)  # accepted: counted once, as in flight
+    assert sum(router._load().values()) == 8
 
 
 def test_router_offers_only_the_holder_for_its_first_tries():
@@ -240,21 +264,22 @@ async def test_follow_ups_sharing_a_prefix_hit_the_cache(two_replicas):
 @pytest.mark.slow
 async def test_engine_metrics_carry_a_replica_label(two_replicas):
     """Both replicas served requests (the router spreads new prefixes), and each one's series
-    carry its own `replica` label, scraped from the nodes' metrics agents."""
+    carry its own `replica` label, scraped from the nodes' metrics agents (which may still
+    hold the series of replicas of earlier apps of this model name)."""
     async with httpx.AsyncClient(timeout=120) as http:
         await asyncio.gather(*(chat(http, two_replicas, system_prompt(100 + i), "Hi.") for i in range(4)))
+    live = set(engine_replicas())
     pattern = re.compile(rf'^ray_tensorfleet_requests_finished_total\{{[^}}]*model_name="{MODEL}"[^}}]*\}}', re.MULTILINE)
-    deadline, replicas = time.monotonic() + 60, set()
+    deadline, labels = time.monotonic() + 60, set()
     async with httpx.AsyncClient(timeout=10) as http:
-        while time.monotonic() < deadline and len(replicas) < 2:
-            replicas = set()
+        while time.monotonic() < deadline and not live <= labels:
+            labels = set()
             for node in ray.nodes():
                 if node["Alive"]:
                     text = (await http.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics")).text
-                    replicas |= {m for line in pattern.findall(text) for m in re.findall(r'replica="([^"]+)"', line)}
+                    labels |= {m for line in pattern.findall(text) for m in re.findall(r'replica="([^"]+)"', line)}
             await asyncio.sleep(2)
-    assert len(replicas) == 2, f"replica labels seen: {replicas}"
-
+    assert len(live) == 2 and live <= labels, f"replicas {live}, labels seen: {labels}"
 
 
 async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, progress: list[int], i: int) -> str:
@@ -273,18 +298,18 @@ async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, progress: 
     return text
 
 
-def engine_replicas() -> list:
-    """The EngineReplica actors (Serve names them SERVE_REPLICA::app#deployment#id)."""
-    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{ENGINE}#")]
+def engine_replicas() -> dict[str, ray.actor.ActorHandle]:
+    """The EngineReplica actors by replica id (Serve names them SERVE_REPLICA::app#deployment#id)."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{ENGINE}#"
+    return {a["name"].removeprefix(prefix): ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
 
 
 @pytest.mark.slow
 async def test_a_replica_dies_during_8_streams_and_they_finish_on_its_sibling(two_replicas):
-    """8 streams over the two replicas (8 new prefixes spread by load); one replica's process
-    is killed while every stream runs: all 8 complete, with the texts of an undisturbed run.
-    The prompts differ from their first token, so no block is shared and each replica gets
-    four (a shared first block would send all 8 to one replica, maybe the one left alive)."""
+    """8 streams over the two replicas (new prompts shorter than a block, routed by load: 4
+    and 4); one replica's process is killed while every stream runs: all 8 complete, with
+    the texts of an undisturbed run."""
     prompts = [f"{i} def function(x):\n    return" for i in range(8)]
     async with httpx.AsyncClient(timeout=300) as http:
         undisturbed = await asyncio.gather(*(stream_text(http, two_replicas, p, [0], 0) for p in prompts))
@@ -295,7 +320,7 @@ async def test_a_replica_dies_during_8_streams_and_they_finish_on_its_sibling(tw
         while min(progress) < 4:
             assert time.monotonic() < deadline and not any(s.done() for s in streams)
             await asyncio.sleep(0.05)
-        replicas = engine_replicas()
+        replicas = list(engine_replicas().values())
         assert len(replicas) == 2 and not any(s.done() for s in streams)
         ray.kill(replicas[0], no_restart=True)  # as a crash: the process ends, Serve starts another
         texts = await asyncio.gather(*streams)

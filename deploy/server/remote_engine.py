@@ -76,6 +76,8 @@ class RemoteEngine:
                             out = replace(out, request_id=request_id, usage=Usage(
                                 len(prompt_token_ids), len(produced), first_usage.cached_prompt_tokens))
                         yield out
+                        if out.finished:
+                            return  # what follows is the end of the stream: nothing to fail over
                 return
             except (RayActorError, ActorUnavailableError, EngineGaveUpError) as e:  # not one request's own failures
                 if params.n > 1 or attempt == MAX_FAILOVERS or self.draining:
@@ -94,6 +96,7 @@ class RemoteEngine:
         ended = False
         try:
             async for out in stream:
+                ended = out.finished  # the replica is done with it: closing early cancels nothing
                 yield out
             ended = True
         except RayTaskError as e:

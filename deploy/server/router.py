@@ -11,13 +11,16 @@ prompt r was sent:
 
 It prefers the replica with the longest match, unless that replica is overloaded:
 
-    load(r) = requests this router has in flight on r
+    load(r) = requests this router has in flight on r, or chose r for and is still routing
     prefer best = argmax match(r)   if match(best) > 0 and load(best) - min_r load(r) <= max_load_imbalance
     else        the least loaded replica (ties: the one that remembers the fewest blocks, so new
                 prefixes spread out)
 
 and hands Serve the rest, least loaded first, as fallbacks (Serve still skips a replica whose
-queue is full). A prompt with a holder is offered only that replica for its first
+queue is full). A request counts toward the load of the replica chosen for it from that
+moment: Serve routes a burst of requests side by side, each waiting on a queue-length probe
+before any of them is routed, and counting only routed ones sent a burst of new prompts to
+one replica. A prompt with a holder is offered only that replica for its first
 `HOLDER_ONLY_TRIES` routing attempts: Serve asks a replica its queue length with a deadline
 (0.1 s, longer on retries), and under load a late answer would otherwise send the request to
 a cold replica. What a router remembers is bounded (LRU over blocks), like the caches it mirrors;
@@ -26,7 +29,8 @@ has its own router and memory (Serve LLM's PrefixCacheAffinityRouter shares one 
 at one remote call per request).
 """
 
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
+from dataclasses import dataclass
 
 from ray.serve.request_router import (
     PendingRequest,
@@ -43,6 +47,20 @@ DEFAULT_MAX_BLOCKS = 1 << 18
 HOLDER_ONLY_TRIES = 4
 
 
+@dataclass
+class Routing:
+    """A request this router is choosing a replica for: its tries, its current choice."""
+
+    request: PendingRequest
+    tries: int
+    choice: ReplicaID
+
+
+def _routing_failed(request: PendingRequest) -> bool:
+    future = request.future
+    return future.done() and (future.cancelled() or future.exception() is not None)
+
+
 class PrefixAwareRouter(RequestRouter):
     """Serve's `request_router_class` for the engine deployment; `request_router_kwargs`
     go to `initialize_state`. Routing reads the `prompt_token_ids` keyword of `generate`
@@ -56,28 +74,36 @@ class PrefixAwareRouter(RequestRouter):
         self.owners: OrderedDict[int, set[ReplicaID]] = OrderedDict()  # block key -> replicas, LRU order
         self.blocks_held: defaultdict[ReplicaID, int] = defaultdict(int)
         self.in_flight: dict[str, ReplicaID] = {}  # internal request id -> its replica
-        self.load: defaultdict[ReplicaID, int] = defaultdict(int)
-        self.tries: dict[str, int] = {}  # internal request id -> routing attempts so far
+        self.load: defaultdict[ReplicaID, int] = defaultdict(int)  # requests in flight
+        self.routing: dict[str, Routing] = {}  # internal request id -> its routing, until routed
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        by_load = sorted(candidate_replicas,
-                         key=lambda r: (self.load[r.replica_id], self.blocks_held[r.replica_id]))
-        keys = self._keys(pending_request)
-        best, matched = self._longest_match(keys, candidate_replicas)
-        least = self.load[by_load[0].replica_id]
-        if matched > 0 and self.load[best.replica_id] - least <= self.max_load_imbalance:
-            request_id = pending_request.metadata.internal_request_id
-            self.tries[request_id] = tries = self.tries.get(request_id, 0) + 1
-            if tries <= HOLDER_ONLY_TRIES:
-                return [[best]]
-            return [[best], [r for r in by_load if r is not best]]
-        return [[by_load[0]], by_load[1:]]
+        request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
+        previous = self.routing.pop(request_id, None)  # its own last choice is no load to weigh
+        tries = previous.tries + 1 if previous is not None else 1
+        load = self._load()
+        by_load = sorted(candidate_replicas, key=lambda r: (load[r.replica_id], self.blocks_held[r.replica_id]))
+        best, matched = self._longest_match(self._keys(pending_request), candidate_replicas, load)
+        if matched > 0 and load[best.replica_id] - load[by_load[0].replica_id] <= self.max_load_imbalance:
+            ranks = [[best]] if tries <= HOLDER_ONLY_TRIES else [[best], [r for r in by_load if r is not best]]
+        else:
+            ranks = [[by_load[0]], by_load[1:]]
+        if pending_request is not None:
+            self.routing[request_id] = Routing(pending_request, tries, ranks[0][0].replica_id)
+        return ranks
+
+    def _load(self) -> Counter[ReplicaID]:
+        """Requests in flight per replica, plus those being routed to it: from its choice
+        until the replica accepts it (`on_request_routed`) or the call ends; a request whose
+        routing was cancelled or failed is dropped."""
+        self.routing = {i: r for i, r in self.routing.items() if not _routing_failed(r.request)}
+        return Counter(self.load) + Counter(r.choice for r in self.routing.values())
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self.tries.pop(pending_request.metadata.internal_request_id, None)
+        self.routing.pop(pending_request.metadata.internal_request_id, None)
         self.in_flight[pending_request.metadata.internal_request_id] = replica_id
         self.load[replica_id] += 1
         for key in self._keys(pending_request):
@@ -92,6 +118,7 @@ class PrefixAwareRouter(RequestRouter):
                 self.blocks_held[r] -= 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.routing.pop(internal_request_id, None)  # a call the replica rejected ends here too
         if (replica := self.in_flight.pop(internal_request_id, None)) is not None:
             self.load[replica] -= 1
 
@@ -111,15 +138,17 @@ class PrefixAwareRouter(RequestRouter):
         prompt = pending_request.kwargs.get("prompt_token_ids") or []
         return list(prefix_keys(prompt, self.block_size))
 
-    def _longest_match(self, keys: list[int], candidates: list[RunningReplica]) -> tuple[RunningReplica, int]:
-        """The candidate that was sent the most leading blocks of `keys`, and how many."""
+    def _longest_match(self, keys: list[int], candidates: list[RunningReplica],
+                       load: Counter[ReplicaID]) -> tuple[RunningReplica, int]:
+        """The candidate that was sent the most leading blocks of `keys` (the least loaded
+        of those that were), and how many."""
         alive = {r.replica_id: r for r in candidates}
         best, matched = candidates[0], 0
         for depth, key in enumerate(keys, start=1):
             holders = [alive[r] for r in self.owners.get(key, ()) if r in alive]
             if not holders:
                 break
-            best, matched = min(holders, key=lambda r: self.load[r.replica_id]), depth
+            best, matched = min(holders, key=lambda r: load[r.replica_id]), depth
             alive = {r.replica_id: r for r in holders}
         return best, matched
 
