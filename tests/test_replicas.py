@@ -130,7 +130,9 @@ def _choose(router, replicas, request) -> str:
 def test_router_spreads_a_burst_chosen_before_any_is_routed():
     """Serve routes a burst side by side: each request is chosen for, then waits for its
     replica to accept it. Chosen counts as load at once, so 8 new prompts go 4 and 4; a
-    request chosen again does not count against its own choice; a cancelled one stops counting."""
+    request chosen again does not count against its own choice; a cancelled or stale one stops counting."""
+    from deploy.server.router import STALE_CHOICE_S
+
     router, replicas = _router(), [_replica("a"), _replica("b")]
     burst = [_request(str(i), [i] * 8) for i in range(8)]
     chosen = [_choose(router, replicas, r) for r in burst]
@@ -142,6 +144,9 @@ def test_router_spreads_a_burst_chosen_before_any_is_routed():
     assert [_choose(router, replicas, _request(f"n{i}", [50 + i] * 8)) for i in range(4)] == ["a"] * 4
     router.on_request_routed(burst[1], chosen[1], None)  # accepted: counted once, as in flight
     assert sum(router._load().values()) == 8
+    for routing in router.routing.values():  # choices nobody renewed (their calls failed unseen)
+        routing.chosen_at -= STALE_CHOICE_S + 1
+    assert router._load() == {chosen[1]: 1}
 
 
 def test_router_offers_only_the_holder_for_its_first_tries():

@@ -29,6 +29,7 @@ has its own router and memory (Serve LLM's PrefixCacheAffinityRouter shares one 
 at one remote call per request).
 """
 
+import time
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ from cluster.kv_blocks import prefix_keys
 DEFAULT_MAX_BLOCKS = 1 << 18
 # Routing attempts that offer only the prefix holder before the other replicas join in.
 HOLDER_ONLY_TRIES = 4
+# A choice no routing attempt has renewed for this long stops counting as load (a request
+# whose call failed before Serve reported it routed or completed; a waiting one renews it).
+STALE_CHOICE_S = 60.0
 
 
 @dataclass
@@ -54,11 +58,12 @@ class Routing:
     request: PendingRequest
     tries: int
     choice: ReplicaID
+    chosen_at: float  # time.monotonic()
 
-
-def _routing_failed(request: PendingRequest) -> bool:
-    future = request.future
-    return future.done() and (future.cancelled() or future.exception() is not None)
+    def stale(self, now: float) -> bool:
+        future = self.request.future
+        failed = future.done() and (future.cancelled() or future.exception() is not None)
+        return failed or now - self.chosen_at > STALE_CHOICE_S
 
 
 class PrefixAwareRouter(RequestRouter):
@@ -92,14 +97,15 @@ class PrefixAwareRouter(RequestRouter):
         else:
             ranks = [[by_load[0]], by_load[1:]]
         if pending_request is not None:
-            self.routing[request_id] = Routing(pending_request, tries, ranks[0][0].replica_id)
+            self.routing[request_id] = Routing(pending_request, tries, ranks[0][0].replica_id, time.monotonic())
         return ranks
 
     def _load(self) -> Counter[ReplicaID]:
         """Requests in flight per replica, plus those being routed to it: from its choice
         until the replica accepts it (`on_request_routed`) or the call ends; a request whose
-        routing was cancelled or failed is dropped."""
-        self.routing = {i: r for i, r in self.routing.items() if not _routing_failed(r.request)}
+        routing was cancelled or failed, or a stale choice, is dropped."""
+        now = time.monotonic()
+        self.routing = {i: r for i, r in self.routing.items() if not r.stale(now)}
         return Counter(self.load) + Counter(r.choice for r in self.routing.values())
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
