@@ -160,8 +160,6 @@ async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_clu
         engine.shutdown()
 
 
-
-
 @ray.remote(num_cpus=0)
 class EngineHost:
     """An engine inside an async Ray actor, as in a Serve replica: `generate` is a streaming
@@ -188,8 +186,8 @@ class EngineHost:
 async def test_cancelling_the_request_that_started_the_loop_cancels_none_of_its_steps(ray_cluster_2x2, tiny_llama_dir):
     """The engine's loop starts inside the first request's actor task, and Ray cancels a
     task's pending children with it: steps sent from a loop that kept that task's context
-    would die when the ingress cancels that request's call (as it does for every request it
-    stops reading once finished), failing every other request on the replica."""
+    would die when the ingress cancels that request's call (its client went away), failing
+    every other request on the replica (or, with rebuilds on, pausing them all)."""
     path, hf = tiny_llama_dir
     host = EngineHost.remote(engine_config(path, num_kv_blocks=64).model_dump())
     try:
