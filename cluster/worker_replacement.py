@@ -35,7 +35,7 @@ logger = logging.getLogger("tensorfleet.engine")
 class Relayout:
     """A swap of workers the loop is to make once no step is in flight."""
 
-    limits: "EngineLimits"
+    limits: EngineLimits
     build: Callable[[], Executor]
     done: asyncio.Future  # the seconds requests were paused, or why it failed
 
@@ -52,7 +52,7 @@ class WorkerReplacement:
         self.gave_up = False  # every rebuild attempt failed: only replacing the replica helps
         self.restarts = 0
 
-    async def relayout(self, limits: "EngineLimits", build: Callable[[], Executor]) -> float:
+    async def relayout(self, limits: EngineLimits, build: Callable[[], Executor]) -> float:
         """Swap the workers for those `build` makes (another layout, other sizes) without
         failing a request: the loop stops sending steps, lets those in flight return, the
         old workers go, the new ones load, every request resumes on them; returns the
@@ -92,7 +92,7 @@ class WorkerReplacement:
         logger.warning("re-laid out in %.1fs; %d requests resumed", paused, len(self.requests))
         relayout.done.set_result(paused)
 
-    def misfits(self, limits: "EngineLimits", num_kv_blocks: int) -> dict[str, str]:
+    def misfits(self, limits: EngineLimits, num_kv_blocks: int) -> dict[str, str]:
         """The requests held now that could not run within `limits` and `num_kv_blocks`:
         request id -> why."""
         return {rid: why for rid, state in self.requests.items()
@@ -133,7 +133,7 @@ class WorkerReplacement:
                 state.paused_at = now
         return failed
 
-    def _resume_on(self, executor: Executor, limits: "EngineLimits", *, cause: str) -> None:
+    def _resume_on(self, executor: Executor, limits: EngineLimits, *, cause: str) -> None:
         """Adopt new workers: every unfinished sequence goes back to the queue (those that
         ran first, in their order) to be recomputed from its prompt and its tokens so far."""
         old = self.scheduler
