@@ -49,7 +49,7 @@ def replicas_name(config: TensorfleetConfig) -> str:
     s = config.serve
     if s.autoscaling is not None:
         return f"{s.autoscaling.min_replicas}-{s.autoscaling.max_replicas} replicas (autoscaled)"
-    return f"{s.num_replicas or 1} replica{'s' if (s.num_replicas or 1) > 1 else ''}"
+    return f"{s.max_replicas} replica{'s' if s.max_replicas > 1 else ''}"
 
 
 class ConfigFollower:

@@ -34,7 +34,7 @@ from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 from actors.checkpoint import open_checkpoint
 from cluster.config import ConfigError, TensorfleetConfig, format_validation_error
 from cluster.engine_client import EngineStats
-from cluster.relayout import Layout, LayoutStatus, layout_of, with_layout
+from cluster.relayout import Layout, LayoutRefused, LayoutStatus, layout_of, with_layout
 from cluster.replica import load_tokenizer
 from deploy.default_model import config_or_default
 from deploy.server.api import build_api
@@ -51,7 +51,7 @@ INGRESS, ENGINE = "OpenAIIngress", "EngineReplica"
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, config: dict[str, Any], engine: DeploymentHandle):
-        self.deployed = self.config = TensorfleetConfig.model_validate(config)
+        self.config = TensorfleetConfig.model_validate(config)
         checkpoint = open_checkpoint(self.config.model)
         self.engine = RemoteEngine(engine, model_name=self.config.served_model_name,
                                    max_model_len=self.config.engine.max_model_len,
@@ -71,8 +71,8 @@ class OpenAIIngress:
         """The layout the replicas run: only its max_model_len matters here (the prompt
         length check); a layout the replicas refuse keeps the previous one."""
         try:
-            self.engine.max_model_len = with_layout(self.deployed, user_config).engine.max_model_len
-        except ValueError:
+            self.engine.max_model_len = with_layout(self.config, user_config).engine.max_model_len
+        except LayoutRefused:
             pass  # the replicas refuse it too, and say why
 
     async def check_layout(self, layout: Layout) -> str | None:
@@ -106,13 +106,9 @@ def _replica_options(config: TensorfleetConfig) -> dict[str, Any]:
     """Serve's replica count (fixed or autoscaled) and request router for the engine."""
     s = config.serve
     if s.autoscaling is not None:
-        a = s.autoscaling
-        count: dict[str, Any] = {"autoscaling_config": {
-            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
-            "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}}
+        count: dict[str, Any] = {"autoscaling_config": s.autoscaling.model_dump()}  # Serve's own field names
     else:
-        count = {"num_replicas": s.num_replicas or 1}
+        count = {"num_replicas": s.max_replicas}
     if s.routing == "prefix":
         router = RequestRouterConfig(request_router_class=PrefixAwareRouter, request_router_kwargs={
             "block_size": config.engine.block_size, "max_load_imbalance": s.max_load_imbalance})
@@ -122,7 +118,7 @@ def _replica_options(config: TensorfleetConfig) -> dict[str, Any]:
 
 
 def deployment_for(config: TensorfleetConfig) -> Application:
-    layout = layout_of(config)
+    layout, args = layout_of(config), config.model_dump()
     engine = EngineReplica.options(
         name=ENGINE,
         user_config=layout,
@@ -131,8 +127,8 @@ def deployment_for(config: TensorfleetConfig) -> Application:
         graceful_shutdown_timeout_s=config.serve.graceful_shutdown_s,
         graceful_shutdown_wait_loop_s=0.5,
         **_replica_options(config),
-    ).bind(config.model_dump())
-    return OpenAIIngress.options(name=INGRESS, user_config=layout).bind(config.model_dump(), engine)
+    ).bind(args)
+    return OpenAIIngress.options(name=INGRESS, user_config=layout).bind(args, engine)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -46,8 +46,8 @@ logger = logging.getLogger("ray.serve")
 class EngineReplica:
     def __init__(self, config: dict[str, Any]):
         self.deployed = self.config = TensorfleetConfig.model_validate(config)
-        self.name = serve.get_replica_context().replica_id.unique_id
-        self.engine = build_engine(self.config, log=logger.info, replica=self.name)
+        replica = serve.get_replica_context().replica_id.unique_id  # its metrics' `replica` label
+        self.engine = build_engine(self.config, log=logger.info, replica=replica)
         self.layout = LayoutStatus(layout_of(self.config))
         self._relayout_lock = asyncio.Lock()
 

@@ -53,9 +53,11 @@ STALE_CHOICE_S = 60.0
 
 @dataclass
 class Routing:
-    """A request this router is choosing a replica for: its tries, its current choice."""
+    """A request this router is choosing a replica for: its prompt's block keys (hashed
+    once), its tries, its current choice."""
 
     request: PendingRequest
+    keys: list[int]
     tries: int
     choice: ReplicaID
     chosen_at: float  # time.monotonic()
@@ -89,15 +91,16 @@ class PrefixAwareRouter(RequestRouter):
         request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
         previous = self.routing.pop(request_id, None)  # its own last choice is no load to weigh
         tries = previous.tries + 1 if previous is not None else 1
+        keys = previous.keys if previous is not None else self._keys(pending_request)
         load = self._load()
         by_load = sorted(candidate_replicas, key=lambda r: (load[r.replica_id], self.blocks_held[r.replica_id]))
-        best, matched = self._longest_match(self._keys(pending_request), candidate_replicas, load)
+        best, matched = self._longest_match(keys, candidate_replicas, load)
         if matched > 0 and load[best.replica_id] - load[by_load[0].replica_id] <= self.max_load_imbalance:
             ranks = [[best]] if tries <= HOLDER_ONLY_TRIES else [[best], [r for r in by_load if r is not best]]
         else:
             ranks = [[by_load[0]], by_load[1:]]
         if pending_request is not None:
-            self.routing[request_id] = Routing(pending_request, tries, ranks[0][0].replica_id, time.monotonic())
+            self.routing[request_id] = Routing(pending_request, keys, tries, ranks[0][0].replica_id, time.monotonic())
         return ranks
 
     def _load(self) -> Counter[ReplicaID]:
@@ -109,10 +112,10 @@ class PrefixAwareRouter(RequestRouter):
         return Counter(self.load) + Counter(r.choice for r in self.routing.values())
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self.routing.pop(pending_request.metadata.internal_request_id, None)
+        routing = self.routing.pop(pending_request.metadata.internal_request_id, None)
         self.in_flight[pending_request.metadata.internal_request_id] = replica_id
         self.load[replica_id] += 1
-        for key in self._keys(pending_request):
+        for key in routing.keys if routing is not None else self._keys(pending_request):
             owners = self.owners.setdefault(key, set())
             if replica_id not in owners:
                 owners.add(replica_id)
