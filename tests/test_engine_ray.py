@@ -115,22 +115,26 @@ HEALTH_CHECK_TIMEOUT_S = 0.5
 class SlowWorker(RayWorker):
     """A worker whose every step takes SLOW_STEP_S longer, as a large prefill would."""
 
-    def step(self, step: StepInput, prev=None) -> StageHandoff | StepOutput | None:
+    def step(self, step: StepInput, prev: list[ray.ObjectRef] | None = None) -> StageHandoff | StepOutput | None:
         time.sleep(SLOW_STEP_S)
         return super().step(step, prev)
+
+
+def slow_engine(cfg: TensorfleetConfig, **executor_options) -> Engine:
+    """An engine on SlowWorkers that never rebuilds them: a busy worker taken for a dead
+    one, or a cancelled step, fails the requests."""
+    plan, spec = plan_replica(cfg)
+    executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
+                           placement_timeout_s=300,  # its workers import this test module, and torch with it
+                           **executor_options)
+    return Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size, rebuild=None)
 
 
 async def test_steps_longer_than_the_health_check_timeout_are_not_deaths(ray_cluster_2x2, tiny_llama_dir):
     """Each step takes 4x the health check's timeout while health checks run every 0.1 s:
     the workers answer them beside the step, nothing fails and nothing is rebuilt."""
     path, hf = tiny_llama_dir
-    cfg = engine_config(path, num_kv_blocks=64)
-    plan, spec = plan_replica(cfg)
-    executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
-                           health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-                           placement_timeout_s=300)  # its workers import this test module, and torch with it
-    engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
-                    rebuild=None)  # a busy worker taken for a dead one would fail the requests
+    engine = slow_engine(engine_config(path, num_kv_blocks=64), health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
     checks: list[float] = []
 
     async def probe() -> None:
@@ -167,12 +171,7 @@ class EngineHost:
     steps keep the second stage's step queued on its worker, where a cancel reaches it."""
 
     def __init__(self, config: dict):
-        cfg = TensorfleetConfig.model_validate(config)
-        plan, spec = plan_replica(cfg)
-        executor = RayExecutor(spec, plan.num_kv_blocks, step_deadline_s=30, worker_cls=SlowWorker,
-                               placement_timeout_s=300)
-        self.engine = Engine(executor, engine_limits(cfg), model_name="tiny", vocab_size=plan.shape.vocab_size,
-                             rebuild=None)  # a cancelled step fails the requests
+        self.engine = slow_engine(TensorfleetConfig.model_validate(config))
 
     async def generate(self, request_id: str, prompt: list[int], max_tokens: int):
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
