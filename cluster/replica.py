@@ -69,7 +69,10 @@ def plan_replica(cfg: TensorfleetConfig) -> tuple[Plan, WorkerSpec]:
     device = resolve_device(cfg.parallel.device)
     dtype = resolve_dtype(cfg.dtype, device)
     par, eng = cfg.parallel, cfg.engine
-    plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device), cfg.serve)
+    # the replicas must fit a Ray cluster; without one this process is the whole deployment,
+    # one engine (benchmarks, verify), whatever serve.num_replicas says
+    serve = cfg.serve if _ray_connected() else None
+    plan = make_plan(shape, par, eng, dtype, cluster_spec(cfg, device), serve)
     spec = WorkerSpec(
         model_path=str(checkpoint.path.resolve()),
         shape=shape,

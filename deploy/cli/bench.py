@@ -132,7 +132,8 @@ def _compare_hf(args: argparse.Namespace) -> int:
 
 
 def _simulate_if_needed(args: argparse.Namespace, config) -> None:
-    """A multi-rank config with no cluster named runs on a simulated one-node cluster."""
+    """A multi-rank config with no cluster named runs on a simulated one-node cluster, sized
+    for all of serve's replicas (the plan checks they fit; the benchmark drives one)."""
     par = config.parallel
     if par.tensor_parallel_size * par.pipeline_parallel_size > 1 and not (args.simulate or args.address):
-        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size}"
+        args.simulate = f"1x{par.tensor_parallel_size * par.pipeline_parallel_size * config.serve.max_replicas}"
