@@ -57,9 +57,9 @@ def add_plan(subparsers: argparse._SubParsersAction) -> None:
             "Lay the model out over the cluster: layers per pipeline stage, heads per TP rank, "
             "weights / activations / KV cache per GPU, and whether serve.num_replicas (or "
             "serve.autoscaling.max_replicas) replicas fit. Needs only the model's config. "
-            "Plans for GPUs: dtype auto means the checkpoint's dtype unless parallel.device "
-            "is cpu, where each worker plans with its share of this machine's RAM, as "
-            "tensorfleet serve does."
+            "Plans for GPUs (dtype auto: bfloat16) unless parallel.device is cpu, where each "
+            "worker plans with its share of this machine's RAM (dtype auto: bfloat16 on a CPU "
+            "with native bf16, else float32), as tensorfleet serve does."
         ),
     )
     p.add_argument("config", nargs="?", help="the tensorfleet YAML config (default: the built-in model)")
