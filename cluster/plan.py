@@ -68,6 +68,11 @@ class ClusterSpec:
     gpu_memory_bytes: int  # per GPU, total (gpu_memory_utilization is applied to it)
 
 
+def nodes_for(stages: int, tp: int, gpus_per_node: int) -> int:
+    """Nodes that hold `stages` TP groups of `tp` GPUs, each group inside one node."""
+    return math.ceil(stages / max(1, gpus_per_node // tp))
+
+
 @dataclass(frozen=True)
 class RankPlan:
     stage: int
@@ -206,14 +211,13 @@ def _check_layout(shape: ModelShape, parallel: ParallelConfig, cluster: ClusterS
         layer_partition(layers, pp, parallel.layer_partition)
     except ShardingError as e:
         raise PlanError(f"parallel.layer_partition: {e} (or null for a balanced split)") from None
-    stages_per_node = cluster.gpus_per_node // tp
-    nodes = math.ceil(pp / stages_per_node)
+    nodes = nodes_for(pp, tp, cluster.gpus_per_node)
     if nodes > cluster.nodes:
         total = cluster.nodes * cluster.gpus_per_node
         raise PlanError(
             f"parallel.pipeline_parallel_size: tensor_parallel_size={tp} x "
             f"pipeline_parallel_size={pp} needs {tp * pp} GPUs on {nodes} nodes "
-            f"({stages_per_node} stage(s) of {tp} GPUs fit on a node of {cluster.gpus_per_node}), "
+            f"({cluster.gpus_per_node // tp} stage(s) of {tp} GPUs fit on a node of {cluster.gpus_per_node}), "
             f"but the cluster has {cluster.nodes} node(s), {total} GPUs; add nodes or lower "
             f"pipeline_parallel_size"
         )
@@ -332,6 +336,6 @@ def make_plan(shape: ModelShape, parallel: ParallelConfig, engine: EngineConfig,
         cluster=cluster, gpu_memory_utilization=engine.gpu_memory_utilization,
         max_model_len=engine.max_model_len, block_size=engine.block_size,
         num_kv_blocks=num_blocks, num_kv_blocks_given=engine.num_kv_blocks is not None,
-        gpus=tp * pp, nodes=math.ceil(pp / (cluster.gpus_per_node // tp)), replicas=serve.max_replicas,
+        gpus=tp * pp, nodes=nodes_for(pp, tp, cluster.gpus_per_node), replicas=serve.max_replicas,
         assumptions=assumptions,
     )

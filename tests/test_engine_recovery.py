@@ -10,6 +10,7 @@ EngineOverloadedError and loses nothing it accepted."""
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -180,7 +181,9 @@ async def test_when_every_rebuild_fails_the_engine_gives_up_and_fails_the_replic
     replica.engine = engine
     await replica.check_health()
     result = asyncio.create_task(collect(engine, "a", [5, 6, 7], greedy(8)))
+    deadline = time.monotonic() + 30
     while not attempts:
+        assert time.monotonic() < deadline, "no rebuild was attempted"
         await asyncio.sleep(0.01)
     await replica.check_health()  # a rebuild under way is the engine's to finish, not Serve's
     rebuilding.set()

@@ -20,12 +20,13 @@ import torch
 from ray import serve
 
 from actors.model_shape import ModelShape
-from cluster.config import ConfigError, EngineConfig, ParallelConfig, ServeConfig
+from cluster.config import ConfigError, EngineConfig, ParallelConfig, ServeConfig, load_config
 from cluster.kv_blocks import prefix_keys
 from cluster.plan import ClusterSpec, PlanError, make_plan
 from cluster.plan_report import format_plan
+from deploy.cli.main import main
 from deploy.server.app import APP_NAME, ENGINE
-from deploy.server.router import PrefixAwareRouter
+from deploy.server.router import HOLDER_ONLY_TRIES, STALE_CHOICE_S, PrefixAwareRouter
 from tests.servers import serve_app
 
 GiB = 1 << 30
@@ -44,8 +45,6 @@ def test_num_replicas_and_autoscaling_are_exclusive_and_ordered():
 
 
 def test_config_error_names_the_serve_field(tmp_path):
-    from cluster.config import load_config
-
     (tmp_path / "c.yaml").write_text("model: m\nserve: {num_replicas: 0}\n")
     with pytest.raises(ConfigError, match=r"serve\.num_replicas"):
         load_config(tmp_path / "c.yaml")
@@ -73,8 +72,6 @@ def test_planner_checks_that_the_replicas_fit_the_cluster():
 def test_the_two_replica_demo_config_fits_2x2_and_not_1x2(capsys):
     """deploy/configs/smollm2-2-replicas.yaml: the default model, two replicas of tp=2, one per
     node of `--simulate 2x2`; one node of two GPUs holds only one replica."""
-    from deploy.cli.main import main
-
     demo = str(Path(__file__).resolve().parents[1] / "deploy" / "configs" / "smollm2-2-replicas.yaml")
     assert main(["plan", demo, "--nodes", "2", "--gpus-per-node", "2", "--gpu-memory", "16GiB"]) == 0
     assert "2 replicas: 4 GPUs" in capsys.readouterr().out
@@ -100,10 +97,15 @@ def _router(max_load_imbalance: int = 2) -> PrefixAwareRouter:
     return router
 
 
+def _choose(router, replicas, request) -> str:
+    return asyncio.run(router.choose_replicas(replicas, request))[0][0].replica_id
+
+
 def _route(router, replicas, request) -> str:
-    first = asyncio.run(router.choose_replicas(replicas, request))[0][0]
-    router.on_request_routed(request, first.replica_id, None)
-    return first.replica_id
+    """Choose for `request` and route it there."""
+    chosen = _choose(router, replicas, request)
+    router.on_request_routed(request, chosen, None)
+    return chosen
 
 
 def test_router_follows_the_prefix_and_spreads_new_ones():
@@ -123,15 +125,10 @@ def test_router_follows_the_prefix_and_spreads_new_ones():
     assert _route(router2, replicas, _request("w", system_a + [7])) == other
 
 
-def _choose(router, replicas, request) -> str:
-    return asyncio.run(router.choose_replicas(replicas, request))[0][0].replica_id
-
-
 def test_router_spreads_a_burst_chosen_before_any_is_routed():
     """Serve routes a burst side by side: each request is chosen for, then waits for its
     replica to accept it. Chosen counts as load at once, so 8 new prompts go 4 and 4; a
     request chosen again does not count against its own choice; a cancelled or stale one stops counting."""
-    from deploy.server.router import STALE_CHOICE_S
 
     router, replicas = _router(), [_replica("a"), _replica("b")]
     burst = [_request(str(i), [i] * 8) for i in range(8)]
@@ -151,8 +148,6 @@ def test_router_spreads_a_burst_chosen_before_any_is_routed():
 
 def test_router_offers_only_the_holder_for_its_first_tries():
     """A slow queue-length answer from the holder must not send the request elsewhere at once."""
-    from deploy.server.router import HOLDER_ONLY_TRIES
-
     router, replicas = _router(), [_replica("a"), _replica("b")]
     prompt = list(range(16))
     holder = _route(router, replicas, _request("0", prompt))

@@ -3,12 +3,11 @@ fit, on hardware you name; needs only the model's config: a Hugging Face config.
 a GGUF file's header (which also lists its tensors, so a GGUF is checked complete here)."""
 
 import argparse
-import math
 import re
 
 from actors.checkpoint import open_checkpoint
 from cluster.config import resolve_dtype
-from cluster.plan import ClusterSpec, make_plan
+from cluster.plan import ClusterSpec, make_plan, nodes_for
 from cluster.plan_report import format_plan
 from cluster.replica import device_memory_bytes
 from deploy.default_model import config_or_default
@@ -86,7 +85,7 @@ def run_plan(args: argparse.Namespace) -> int:
     pp = config.parallel.pipeline_parallel_size
     gpus_per_node = args.gpus_per_node
     # Default: just enough nodes for every replica, each stage's TP group packed inside one node.
-    nodes = args.nodes or math.ceil(config.serve.max_replicas * pp / max(1, gpus_per_node // tp))
+    nodes = args.nodes or nodes_for(config.serve.max_replicas * pp, tp, gpus_per_node)
     device = "cpu" if config.parallel.device == "cpu" else "cuda"
     dtype = resolve_dtype(config.dtype, device)
     memory = args.gpu_memory or (device_memory_bytes("cpu", tp * pp) if device == "cpu"
