@@ -39,10 +39,9 @@ import torch
 
 from actors.checkpoint import open_checkpoint
 from cluster.config import TensorfleetConfig
-from deploy.bench.hf import check_tokens, local_params, run_static
+from deploy.bench.hf import check_tokens, local_params, static_batches
 from deploy.bench.loadgen import bench_engine
 from deploy.bench.report import draw_chart, format_rounds, format_system_shares, format_table, machine, ratios
-from deploy.bench.stats import summarize
 from deploy.default_model import default_model_path
 from deploy.bench.workload import (
     MIXED,
@@ -120,10 +119,7 @@ def run_hf(path: Path, work: Workload, batch_sizes: list[int], device: str) -> d
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     dev = torch.device(device)
-    by_size = {}
-    for bs in batch_sizes:
-        by_size[bs] = summarize(*run_static(model, work, bs, dev))
-        print(f"  HF generate static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s", flush=True)
+    by_size = static_batches(model, work, batch_sizes, dev, log=lambda m: print(m, flush=True))
     best = max(by_size, key=lambda bs: by_size[bs]["output_tok_s"])
     return {**by_size[best], "batch_size": best, "params": local_params(model),
             "check_tokens": check_tokens(model, work, dev),

@@ -19,26 +19,16 @@ engine runs first and is shut down before HF loads, so they never share the CPU.
 """
 
 import asyncio
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from actors.checkpoint import open_checkpoint
 from cluster.config import TensorfleetConfig, resolve_device, resolve_dtype
-from deploy.bench.decode import (
-    copy_bandwidth,
-    decode_tok_s,
-    first_mismatch,
-    hf_run,
-    timed_generate,
-    weight_bytes_per_token,
-)
-from deploy.bench.hf import run_static
+from deploy.bench.decode import decode_rate, engine_decode_runs, first_mismatch, hf_decode_runs
+from deploy.bench.hf import static_batches
 from deploy.bench.loadgen import bench_engine
 from deploy.bench.report import machine
-from deploy.bench.stats import summarize
 from deploy.bench.workload import Workload
 
 DECODE_PROMPT_LEN = 32
@@ -62,14 +52,14 @@ def compare_with_hf(config: TensorfleetConfig, work: Workload, *, decode_tokens:
         tf_decode, tf_mixed = asyncio.run(_tensorfleet(engine, work, prompt, decode_tokens, repeats, progress))
     finally:
         engine.shutdown()
-    log(f"  batch-1 decode {_decode_rate(tf_decode):.1f} tok/s, mixed {tf_mixed['output_tok_s']:.1f} output tok/s")
+    log(f"  batch-1 decode {decode_rate(tf_decode):.1f} tok/s, mixed {tf_mixed['output_tok_s']:.1f} output tok/s")
 
     log("HF generate ...")
     hf_decode, hf_by_size, bandwidth, weights = _hf(config, work, prompt, decode_tokens, repeats, hf_batch_sizes,
                                                     torch.device(device), log)
     best = max(hf_by_size, key=lambda bs: hf_by_size[bs]["output_tok_s"])
     bound = bandwidth / weights
-    tf_rate, hf_rate = _decode_rate(tf_decode), _decode_rate(hf_decode)
+    tf_rate, hf_rate = decode_rate(tf_decode), decode_rate(hf_decode)
     return {
         "machine": machine(), "model": config.model, "dtype": config.dtype, "device": device,
         "tp": par.tensor_parallel_size, "pp": par.pipeline_parallel_size, "torch_threads": torch.get_num_threads(),
@@ -87,8 +77,7 @@ def compare_with_hf(config: TensorfleetConfig, work: Workload, *, decode_tokens:
 
 async def _tensorfleet(engine, work: Workload, prompt: list[int], decode_tokens: int, repeats: int,
                        progress: bool) -> tuple[list[tuple[list[int], list[float]]], dict]:
-    await timed_generate(engine, "decode-warm-up", prompt, decode_tokens)
-    decode = [await timed_generate(engine, f"decode-{i}", prompt, decode_tokens) for i in range(repeats)]
+    decode = await engine_decode_runs(engine, prompt, decode_tokens, repeats)
     return decode, await bench_engine(engine, work, progress=progress)
 
 
@@ -103,21 +92,9 @@ def _hf(config: TensorfleetConfig, work: Workload, prompt: list[int], decode_tok
     if {p.dtype for p in model.parameters()} != {getattr(torch, config.dtype)}:
         raise RuntimeError(f"HF loaded {config.model} with parameters of {({p.dtype for p in model.parameters()})}, "
                            f"not {config.dtype} alone: the comparison would not be in the same dtype")
-    weights = weight_bytes_per_token(model)
-    bandwidth = statistics.median(copy_bandwidth(device, max(weights, 1 << 26)) for _ in range(3))
-    hf_run(model, prompt, 4, device)  # warm-up
-    decode = [hf_run(model, prompt, decode_tokens, device) for _ in range(repeats)]
-    log(f"  batch-1 decode {_decode_rate(decode):.1f} tok/s")
-    by_size = {}
-    for bs in batch_sizes:
-        start = time.perf_counter()
-        by_size[bs] = summarize(*run_static(model, work, bs, device))
-        log(f"  static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s ({time.perf_counter() - start:.0f} s)")
-    return decode, by_size, bandwidth, weights
-
-
-def _decode_rate(runs: list[tuple[list[int], list[float]]]) -> float:
-    return statistics.median(decode_tok_s(times) for _, times in runs)
+    decode, bandwidth, weights = hf_decode_runs(model, prompt, decode_tokens, repeats, device)
+    log(f"  batch-1 decode {decode_rate(decode):.1f} tok/s")
+    return decode, static_batches(model, work, batch_sizes, device, log), bandwidth, weights
 
 
 def format_report(r: dict) -> str:

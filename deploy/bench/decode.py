@@ -86,15 +86,17 @@ def tensorfleet_runs(path: Path, prompt: list[int], new_tokens: int, device: str
                    "num_kv_blocks": -(-max_len // BLOCK_SIZE)},
     })
     engine = build_engine(config, log=lambda m: None)
-
-    async def all_runs() -> list[tuple[list[int], list[float]]]:
-        await timed_generate(engine, "warm-up", prompt, new_tokens)
-        return [await timed_generate(engine, f"run-{i}", prompt, new_tokens) for i in range(repeats)]
-
     try:
-        return asyncio.run(all_runs())
+        return asyncio.run(engine_decode_runs(engine, prompt, new_tokens, repeats))
     finally:
         engine.shutdown()
+
+
+async def engine_decode_runs(engine, prompt: list[int], new_tokens: int,
+                             repeats: int) -> list[tuple[list[int], list[float]]]:
+    """`repeats` timed greedy requests on `engine`, one at a time, after a warm-up one."""
+    await timed_generate(engine, "decode-warm-up", prompt, new_tokens)
+    return [await timed_generate(engine, f"decode-{i}", prompt, new_tokens) for i in range(repeats)]
 
 
 async def timed_generate(engine, request_id: str, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
@@ -116,22 +118,34 @@ def hf_run(model, prompt: list[int], new_tokens: int, device: torch.device) -> t
     return tokens, clock.times
 
 
+def hf_decode_runs(model, prompt: list[int], new_tokens: int, repeats: int,
+                   device: torch.device) -> tuple[list[tuple[list[int], list[float]]], float, int]:
+    """HF's timed batch-1 runs after a warm-up, with what bounds them on this machine: the
+    copy bandwidth (bytes/s, median of 3) and the weight bytes read per token."""
+    weights = weight_bytes_per_token(model)
+    bandwidth = statistics.median(copy_bandwidth(device, max(weights, 1 << 26)) for _ in range(3))
+    hf_run(model, prompt, 4, device)  # warm-up
+    return [hf_run(model, prompt, new_tokens, device) for _ in range(repeats)], bandwidth, weights
+
+
+def decode_rate(runs: list[tuple[list[int], list[float]]]) -> float:
+    """The median decode tokens/s of timed runs."""
+    return statistics.median(decode_tok_s(times) for _, times in runs)
+
+
 def run(path: Path, *, device: str, dtype: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     dev = torch.device(device)
     prompt = [FIRST_PROMPT_ID + i % 1000 for i in range(prompt_len)]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(dev).eval()
-    weights = weight_bytes_per_token(model)
-    bandwidth = statistics.median(copy_bandwidth(dev, max(weights, 1 << 26)) for _ in range(3))
-    hf_run(model, prompt, 4, dev)  # warm-up
-    hf = [hf_run(model, prompt, new_tokens, dev) for _ in range(repeats)]
+    hf, bandwidth, weights = hf_decode_runs(model, prompt, new_tokens, repeats, dev)
     del model
     tf = tensorfleet_runs(path, prompt, new_tokens, device, dtype, repeats)
     bound = bandwidth / weights
     systems = {}
     for name, runs in (("tensorfleet tp=1", tf), ("HF generate", hf)):
-        tok_s = statistics.median(decode_tok_s(times) for _, times in runs)
+        tok_s = decode_rate(runs)
         systems[name] = {"decode_tok_s": tok_s, "ms_per_token": 1e3 / tok_s, "share_of_bound": tok_s / bound}
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": dtype,
             "torch_threads": torch.get_num_threads(), "weight_bytes_per_token": weights,

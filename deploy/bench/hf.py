@@ -21,6 +21,7 @@ GPUs), runs the same batches, and rank 0 writes the summary, every rank's parame
 import argparse
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -77,6 +78,18 @@ def run_static(model, work: Workload, batch_size: int, device: torch.device) -> 
             records[i].chunk_times = clock.times[: work.output_lens[i]]
             records[i].output_tokens = work.output_lens[i]
     return records, time.perf_counter() - start
+
+
+def static_batches(model, work: Workload, batch_sizes: Iterable[int], device: torch.device,
+                   log: Callable[[str], None] = print) -> dict[int, dict]:
+    """The workload's summary at each static batch size (the best is the comparison's)."""
+    by_size = {}
+    for bs in batch_sizes:
+        start = time.perf_counter()
+        by_size[bs] = summarize(*run_static(model, work, bs, device))
+        seconds = time.perf_counter() - start
+        log(f"  HF static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s ({seconds:.0f} s)")
+    return by_size
 
 
 def check_tokens(model, work: Workload, device: torch.device) -> list[list[int]]:
