@@ -23,7 +23,6 @@ compute gives); the time is per token, median over the round's tokens.
 import argparse
 import os
 import queue as queue_module
-import socket
 import statistics
 import time
 from dataclasses import replace
@@ -33,17 +32,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from actors.comm import CommStats, TPGroup, init_parallel
+from deploy.bench.loadgen import free_port
 
 ROWS = (1, 8, 64, 512)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CALLS = {1: 200, 8: 200, 64: 100, 512: 30}  # per path, case and round
 INTERMEDIATE = 1536  # SmolLM2-135M's MLP width: down_proj's input
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, tp: int, init_method: str, args: argparse.Namespace, queue) -> None:
@@ -119,7 +113,7 @@ def _decode_tokens(tp: TPGroup, args: argparse.Namespace, rank: int, size: int) 
 def run(tp: int, args: argparse.Namespace) -> tuple[int, dict[tuple, list[float]]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     procs = [ctx.Process(target=_rank_main, args=(r, tp, init_method, args, queue)) for r in range(tp)]
     for p in procs:
         p.start()

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import torch
 from actors.checkpoint import open_checkpoint
 from cluster.config import TensorfleetConfig
 from deploy.bench.hf import check_tokens, local_params, static_batches
-from deploy.bench.loadgen import bench_engine
+from deploy.bench.loadgen import bench_engine, free_port
 from deploy.bench.report import draw_chart, format_rounds, format_system_shares, format_table, machine, ratios
 from deploy.default_model import default_model_path
 from deploy.bench.workload import (
@@ -134,7 +133,7 @@ def run_hf_tp(path: Path, work: Workload, batch_sizes: list[int], workdir: Path,
     for bs in batch_sizes:
         out = workdir / f"hf_tp_{bs}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "deploy.bench.hf",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "deploy.bench.hf",
                "--model", str(path), "--workload", str(spec), "--batch-size", str(bs), "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
         if proc.returncode != 0:
@@ -143,12 +142,6 @@ def run_hf_tp(path: Path, work: Workload, batch_sizes: list[int], workdir: Path,
         print(f"  HF tp_plan=auto static batch {bs}: {by_size[bs]['output_tok_s']:.1f} output tok/s", flush=True)
     best = max(by_size, key=lambda bs: by_size[bs]["output_tok_s"])
     return {**by_size[best], "tok_s_by_batch_size": {bs: r["output_tok_s"] for bs, r in by_size.items()}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_hf_tp(results: dict) -> list[str]:

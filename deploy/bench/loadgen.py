@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -26,6 +27,13 @@ from deploy.bench.workload import Workload, arrival_offsets
 
 if TYPE_CHECKING:  # the CLI imports this module: httpx (the `bench` extra) only when benchmarking a URL
     import httpx
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server or rendezvous a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # Fills one record (chunk times, output tokens) while running one request.
 Sender = Callable[[list[int], int, RequestRecord], Awaitable[None]]

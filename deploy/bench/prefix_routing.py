@@ -18,13 +18,12 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 from pathlib import Path
 
 from ray import serve
 
 from cluster.config import TensorfleetConfig
-from deploy.bench.loadgen import bench_online
+from deploy.bench.loadgen import bench_online, free_port
 from deploy.bench.report import machine
 from deploy.bench.workload import Workload, WorkloadSpec
 from deploy.default_model import default_config
@@ -57,9 +56,7 @@ def serve_config(routing: str, kv_blocks: int, max_model_len: int) -> dict:
 
 def run_router(routing: str, work: Workload, args: argparse.Namespace) -> dict:
     """Deploy as `tensorfleet serve` does, on a free port, run the workload, shut down."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = TensorfleetConfig.model_validate(serve_config(routing, args.kv_blocks, args.max_model_len))
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
