@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from actors.checkpoint import open_checkpoint
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, TensorfleetConfig, load_config
 from cluster.replica import build_engine
 from deploy.bench.compare_hf import DEFAULT_HF_BATCH_SIZES, compare_with_hf, format_report
 from deploy.bench.loadgen import bench_engine, bench_online
@@ -87,12 +87,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if summary.get("stages"):
         print("pipeline stages, while the engine had work:\n" + format_stages(summary["stages"]))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         rate = args.request_rate if math.isfinite(args.request_rate) else "inf"  # JSON has no Infinity
-        result = {"target": args.url or args.offline, "workload": spec.to_json(), "request_rate": rate,
-                  "max_concurrency": args.max_concurrency, **summary}
-        args.out.write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+        _write_json(args.out, {"target": args.url or args.offline, "workload": spec.to_json(), "request_rate": rate,
+                               "max_concurrency": args.max_concurrency, **summary})
     return 0 if summary["failed"] == 0 else 1
 
 
@@ -100,10 +97,22 @@ def _spec(args: argparse.Namespace, vocab_size: int) -> WorkloadSpec:
     return WorkloadSpec(args.num_requests, args.prompt_len, args.output_len, args.seed, vocab_size)
 
 
-def _bench_offline(args: argparse.Namespace, options: dict) -> tuple[WorkloadSpec, dict]:
-    config = load_config(args.offline)
+def _offline_setup(args: argparse.Namespace, path: str) -> tuple[TensorfleetConfig, WorkloadSpec]:
+    """The config at `path`, the workload for its model, and the cluster it will run on."""
+    config = load_config(path)
     spec = _spec(args, args.vocab_size or open_checkpoint(config.model).shape.vocab_size)
     _simulate_if_needed(args, config)
+    return config, spec
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(f"wrote {path}")
+
+
+def _bench_offline(args: argparse.Namespace, options: dict) -> tuple[WorkloadSpec, dict]:
+    config, spec = _offline_setup(args, args.offline)
     with ray_session_of(args):
         engine = build_engine(config, log=lambda m: print(m, flush=True))
         try:
@@ -113,9 +122,8 @@ def _bench_offline(args: argparse.Namespace, options: dict) -> tuple[WorkloadSpe
 
 
 def _compare_hf(args: argparse.Namespace) -> int:
-    config = load_config(args.compare_hf)
-    work = make_workload(_spec(args, args.vocab_size or open_checkpoint(config.model).shape.vocab_size))
-    _simulate_if_needed(args, config)
+    config, spec = _offline_setup(args, args.compare_hf)
+    work = make_workload(spec)
     try:
         with ray_session_of(args):
             report = compare_with_hf(config, work, decode_tokens=args.decode_tokens, repeats=args.repeats,
@@ -125,13 +133,11 @@ def _compare_hf(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     print(format_report(report))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.out}")
+        _write_json(args.out, report)
     return 0 if report["mixed"]["tensorfleet"]["failed"] == 0 else 1
 
 
-def _simulate_if_needed(args: argparse.Namespace, config) -> None:
+def _simulate_if_needed(args: argparse.Namespace, config: TensorfleetConfig) -> None:
     """A multi-rank config with no cluster named runs on a simulated one-node cluster, sized
     for all of serve's replicas (the plan checks they fit; the benchmark drives one)."""
     par = config.parallel
