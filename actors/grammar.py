@@ -31,9 +31,17 @@ ANY_JSON_OBJECT = {"type": "object"}
 
 
 def json_schema_grammar(schema: dict[str, Any] | bool, param: str) -> str:
+    """JSON Schema's boolean schemas too: `true` is any value (as `{}`); `false` accepts
+    none, so nothing could ever be generated."""
+    if schema is False:
+        raise ParamError(param, "the schema false accepts no JSON value, so no output could match it")
     if not isinstance(schema, (dict, bool)):
         raise ParamError(param, "a JSON schema must be an object")
-    return check(llguidance.LLMatcher.grammar_from_json_schema(_as_json(schema, param), defaults=JSON_STYLE), param)
+    try:
+        built = llguidance.LLMatcher.grammar_from_json_schema(_as_json({} if schema is True else schema, param), defaults=JSON_STYLE)
+    except ValueError as e:  # what llguidance cannot even build is the request's error, as what it rejects
+        raise ParamError(param, f"invalid: {e}") from None
+    return check(built, param)
 
 
 def regex_grammar(pattern: str, param: str) -> str:

@@ -40,6 +40,7 @@ SCHEMA = {
     (lambda: grammar.json_schema_grammar({"$ref": "#/$defs/missing"}, "p"), "missing"),
     (lambda: grammar.json_schema_grammar({"type": "string", "minLength": 5, "maxLength": 2}, "p"), "minLength"),
     (lambda: grammar.json_schema_grammar([1], "p"), "object"),
+    (lambda: grammar.json_schema_grammar(False, "p"), "accepts no JSON value"),
     (lambda: grammar.regex_grammar("a(b", "p"), "regex"),
     (lambda: grammar.choice_grammar([], "p"), "at least one"),
     (lambda: grammar.lark_grammar("start: nope", "p"), "nope"),
@@ -48,6 +49,10 @@ def test_bad_grammars_are_param_errors_that_say_why(build, param):
     with pytest.raises(ParamError) as error:
         build()
     assert error.value.param == "p" and param in error.value.message
+
+
+def test_the_schema_true_is_any_json_value():
+    assert grammar.json_schema_grammar(True, "p") == grammar.json_schema_grammar({}, "p")
 
 
 @pytest.fixture(scope="module")
